@@ -1,0 +1,18 @@
+"""Device kernels behind one small interface.
+
+``int8_linear`` is the only entry point the rest of the package calls. The portable path below
+is plain PyTorch; faster device kernels plug in here without touching callers.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["int8_linear"]
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T + bias`` for an int8 ``weight`` (out, in) and fp16 ``scale`` (out,)."""
+    w = weight.to(x.dtype) * scale.to(x.dtype)[:, None]
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
