@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .kernels import int8_linear
 
-__all__ = ["QuantizedLinear", "quantize_weight", "quantize_"]
+__all__ = ["QuantizedLinear", "quantize_weight", "quantize_", "dequantize_state_dict"]
 
 
 def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +119,19 @@ def quantize_(model: nn.Module, predicate: Optional[Callable[[str, nn.Linear], b
             if type(child) is nn.Linear and (predicate is None or predicate(full, child)):
                 setattr(module, child_name, QuantizedLinear.from_linear(child))
     return model
+
+
+def dequantize_state_dict(state: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """Turn every int8 ``<name>.weight`` + ``<name>.scale`` pair into one float ``<name>.weight``.
+
+    Other entries pass through, so the result loads into the unquantized model.
+    """
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".scale") and state.get(key[:-len("scale")] + "weight", torch.empty(0)).dtype == torch.int8:
+            continue
+        scale = state.get(key[:-len("weight")] + "scale") if key.endswith(".weight") else None
+        if value.dtype == torch.int8 and scale is not None:
+            value = (value.float() * scale.float()[:, None]).to(dtype)
+        out[key] = value
+    return out

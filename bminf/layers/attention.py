@@ -1,0 +1,76 @@
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kv_cache import CrossLayerKV, LayerKV
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate Q/K/V projections, named as BMInf's checkpoints name them.
+
+    ``scale`` multiplies QK^T: 1/sqrt(d_head) for GPT, 1.0 for T5 (which folds it into the weights).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, bias: bool, scale: float):
+        super().__init__()
+        self.n_heads, self.d_head, self.scale = n_heads, d_head, scale
+        inner = n_heads * d_head
+        self.project_q = nn.Linear(d_model, inner, bias=bias)
+        self.project_k = nn.Linear(d_model, inner, bias=bias)
+        self.project_v = nn.Linear(d_model, inner, bias=bias)
+        self.linear_out = nn.Linear(inner, d_model, bias=bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        # (batch, seq, heads * d_head) -> (batch, heads, seq, d_head)
+        return x.unflatten(-1, (self.n_heads, self.d_head)).transpose(1, 2)
+
+    def project_kv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(self.project_k(x)), self._heads(self.project_v(x))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, kv: Optional[LayerKV] = None,
+                source: Optional[torch.Tensor] = None, cross_kv: Optional[CrossLayerKV] = None) -> torch.Tensor:
+        """Attend from ``x`` (batch, S, d_model).
+
+        ``bias`` is added to the scores, broadcastable to (batch, heads, S, T): the mask as 0/-large
+        plus any position bias. Self-attention reads keys from ``x`` (and ``kv``, the layer's cache);
+        cross-attention from ``source`` (batch, T, d_model), or from ``cross_kv`` once it is filled.
+        """
+        q = self._heads(self.project_q(x))
+        if source is None and cross_kv is None:
+            k, v = self.project_kv(x)
+            if kv is not None:
+                k, v = kv.update(k, v)
+        else:
+            stored = cross_kv.get() if cross_kv is not None else None
+            if stored is None:
+                if source is None:
+                    raise ValueError("cross-attention needs the encoder output on the first step")
+                stored = self.project_kv(source)
+                if cross_kv is not None:
+                    cross_kv.set(*stored)
+            k, v = stored
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        return self.linear_out(out.transpose(1, 2).flatten(2))
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where attention is allowed, a large negative number elsewhere.
+
+    Half of the dtype's minimum rather than -inf: a fully masked row (a padding query) then stays
+    finite, and adding a position bias cannot overflow to -inf.
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min / 2)
+
+
+def check_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Reject ids that nn.Embedding would fail on with an opaque index error."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"{name} must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"{name} holds ids outside [0, {vocab_size}): min {int(input_ids.min())}, "
+                         f"max {int(input_ids.max())}")

@@ -1,0 +1,32 @@
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FeedForward(nn.Module):
+    """GPT feed-forward: ``linear_out(gelu_tanh(linear_in(x)))``."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True):
+        super().__init__()
+        self.linear_in = nn.Linear(d_model, d_ff, bias=bias)
+        self.linear_out = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_out(F.gelu(self.linear_in(x), approximate="tanh"))
+
+
+class GatedFeedForward(nn.Module):
+    """T5 v1.1 feed-forward: ``linear_out(gelu_tanh(linear_in(x)) * linear_gated(x))``.
+
+    ``linear_in`` is the GELU branch (HF ``wi_0``), ``linear_gated`` the linear one (HF ``wi_1``).
+    """
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        # declaration order follows BMInf's checkpoint tree
+        self.linear_gated = nn.Linear(d_model, d_ff, bias=False)
+        self.linear_in = nn.Linear(d_model, d_ff, bias=False)
+        self.linear_out = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_out(F.gelu(self.linear_in(x), approximate="tanh") * self.linear_gated(x))

@@ -1,0 +1,96 @@
+"""Preallocated key/value caches. They are run state owned by the decode loop, never module buffers,
+so offloading moves weights without touching them."""
+from typing import Optional, Tuple
+
+import torch
+
+
+class LayerKV:
+    """One layer's slice of a cache, with the position where this step's keys go."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        self.k, self.v, self.start = k, v, start  # k, v: (batch, heads, max_length, d_head)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (batch, heads, S, d_head) keys/values; return all keys/values so far."""
+        end = self.start + k.shape[2]
+        self.k[:, :, self.start:end] = k
+        self.v[:, :, self.start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Self-attention keys/values of every layer of one stack, plus which positions hold real tokens.
+
+    >>> cache = KVCache(n_layers=2, batch_size=1, n_heads=4, max_length=16, d_head=8)
+    >>> cache.length, cache.max_length
+    (0, 16)
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_length: int, d_head: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (n_layers, batch_size, n_heads, max_length, d_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        # number of real tokens seen per row: the next token's absolute position (GPT)
+        self.n_valid = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def begin(self, mask: torch.Tensor) -> torch.Tensor:
+        """Reserve room for a step of ``mask.shape[1]`` tokens; returns the key mask up to its end."""
+        if mask.shape[0] != self.batch_size:
+            raise ValueError(f"cache holds batch {self.batch_size}, input has batch {mask.shape[0]}")
+        end = self.length + mask.shape[1]
+        if end > self.max_length:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache's max_length {self.max_length}")
+        self.key_mask[:, self.length:end] = mask
+        return self.key_mask[:, :end]
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i], self.length)
+
+    def commit(self, mask: torch.Tensor) -> None:
+        """Mark a step begun with ``begin(mask)`` as done (called after every layer has written)."""
+        self.length += mask.shape[1]
+        self.n_valid += mask.sum(1)
+
+    def reset(self) -> None:
+        self.length = 0
+        self.key_mask.zero_()
+        self.n_valid.zero_()
+
+
+class CrossKVCache:
+    """Cross-attention keys/values over the encoder output: computed once per prompt, then reused."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, source_length: int, d_head: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (n_layers, batch_size, n_heads, source_length, d_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.filled = [False] * n_layers
+
+    def layer(self, i: int) -> "CrossLayerKV":
+        return CrossLayerKV(self, i)
+
+
+class CrossLayerKV:
+    def __init__(self, cache: CrossKVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def get(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        return (self.cache.k[self.i], self.cache.v[self.i]) if self.cache.filled[self.i] else None
+
+    def set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache.k[self.i].copy_(k)
+        self.cache.v[self.i].copy_(v)
+        self.cache.filled[self.i] = True

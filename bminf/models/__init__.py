@@ -1,0 +1,17 @@
+"""Backbones (``GPT``, ``T5``) with their configs and presets, and the model classes built on them."""
+import importlib
+
+_LAZY = {
+    "GPT": "bminf.models.gpt", "GPTConfig": "bminf.models.gpt", "GPT_PRESETS": "bminf.models.gpt",
+    "T5": "bminf.models.t5", "T5Config": "bminf.models.t5", "T5_PRESETS": "bminf.models.t5",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bminf.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

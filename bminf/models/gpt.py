@@ -1,0 +1,115 @@
+"""Decoder-only GPT backbone (CPM-1): learned positions, pre-LayerNorm, tanh GELU, biases, tied LM head."""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import Attention, FeedForward, KVCache, additive_mask, check_ids
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 30000
+    max_positions: int = 1024
+    d_model: int = 2560
+    d_ff: int = 10240
+    n_heads: int = 32
+    d_head: int = 80
+    n_layers: int = 32
+    eps: float = 1e-5
+
+
+GPT_PRESETS = {
+    "cpm1": dict(vocab_size=30000, max_positions=1024, d_model=2560, d_ff=10240, n_heads=32, d_head=80,
+                 n_layers=32, eps=1e-5),
+}
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d = config.d_model
+        self.ln_attn = nn.LayerNorm(d, eps=config.eps)
+        self.self_attn = Attention(d, config.n_heads, config.d_head, bias=True, scale=1 / math.sqrt(config.d_head))
+        self.ln_ff = nn.LayerNorm(d, eps=config.eps)
+        self.ff = FeedForward(d, config.d_ff, bias=True)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, kv=None) -> torch.Tensor:
+        x = x + self.self_attn(self.ln_attn(x), bias, kv)
+        return x + self.ff(self.ln_ff(x))
+
+
+class GPT(nn.Module):
+    """CPM-1's backbone. ``forward(input_ids, attention_mask=None, cache=None) -> logits``.
+
+    Padding may sit on either side: positions count real tokens only, so a padded row gives the
+    logits it would give alone. With a ``cache`` (from ``new_cache``) the call appends to it and
+    returns logits for the new tokens only.
+
+    >>> model = GPT(GPTConfig(vocab_size=50, max_positions=32, d_model=16, d_ff=32, n_heads=2, d_head=8, n_layers=2))
+    >>> model(torch.tensor([[1, 2, 3]])).shape
+    torch.Size([1, 3, 50])
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        # declaration order follows BMInf's checkpoint tree
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = nn.Embedding(config.max_positions, config.d_model)
+        self.layernorm = nn.LayerNorm(config.d_model, eps=config.eps)
+        self.layers = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layers))
+
+    def new_cache(self, batch_size: int, max_length: Optional[int] = None, dtype=None, device=None) -> KVCache:
+        c, w = self.config, self.token_embedding.weight
+        return KVCache(c.n_layers, batch_size, c.n_heads, max_length or c.max_positions, c.d_head,
+                       dtype=dtype or w.dtype, device=device or w.device)
+
+    def hidden_states(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                      cache: Optional[KVCache] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-norm hidden states (batch, seq, d_model); ``inputs_embeds`` replaces the token embedding."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            if cache is None or input_ids.shape[1] > 1:  # skip the host sync on one-token decode steps
+                check_ids(input_ids, self.config.vocab_size)
+            x = self.token_embedding(input_ids)
+        else:
+            x = inputs_embeds.to(self.token_embedding.weight.dtype)
+        batch, seq = x.shape[:2]
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=x.device) if attention_mask is None \
+            else attention_mask.to(device=x.device, dtype=torch.bool)
+        if mask.shape != (batch, seq):
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match input {(batch, seq)}")
+        start = cache.length if cache is not None else 0
+        if start + seq > self.config.max_positions:
+            raise ValueError(f"{start + seq} tokens exceed the model's {self.config.max_positions} positions")
+
+        # absolute position = number of real tokens before this one in its row
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        key_mask = mask
+        if cache is not None:
+            positions = positions + cache.n_valid[:, None]
+            key_mask = cache.begin(mask)
+        x = x + self.position_embedding(positions)
+
+        query_index = torch.arange(start, start + seq, device=x.device)
+        key_index = torch.arange(key_mask.shape[1], device=x.device)
+        allowed = key_mask[:, None, :] & (key_index[None, None, :] <= query_index[None, :, None])
+        bias = additive_mask(allowed, x.dtype)[:, None]  # (batch, 1, seq, keys)
+
+        for i, block in enumerate(self.layers):
+            x = block(x, bias, cache.layer(i) if cache is not None else None)
+        if cache is not None:
+            cache.commit(mask)
+        return self.layernorm(x)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.token_embedding.weight)  # tied, unscaled
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache, inputs_embeds))

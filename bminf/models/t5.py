@@ -1,0 +1,185 @@
+"""Encoder-decoder T5 v1.1-style backbone (CPM-2, EVA): RMSNorm, gated GELU, no biases, no attention
+scaling, one relative position bias per stack, untied and unscaled LM head."""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import (Attention, CrossKVCache, GatedFeedForward, KVCache, RelativePositionBias, RMSNorm,
+                      additive_mask, check_ids)
+
+
+@dataclass
+class T5Config:
+    vocab_size: int = 26240
+    d_model: int = 4096
+    d_ff: int = 10240
+    n_heads: int = 64
+    d_head: int = 64
+    n_encoder_layers: int = 24
+    n_decoder_layers: int = 24
+    num_buckets: int = 32
+    max_distance: int = 128
+    eps: float = 1e-6
+
+
+T5_PRESETS = {
+    "cpm2": dict(vocab_size=26240, d_model=4096, d_ff=10240, n_heads=64, d_head=64, n_encoder_layers=24,
+                 n_decoder_layers=24, num_buckets=32, max_distance=128, eps=1e-6),
+    # BMInf 1.x runs EVA with max_distance 256; EVA's own training code used 128
+    "eva": dict(vocab_size=30000, d_model=2048, d_ff=5120, n_heads=32, d_head=64, n_encoder_layers=24,
+                n_decoder_layers=24, num_buckets=32, max_distance=256, eps=1e-6),
+}
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        d = config.d_model
+        self.ln_attn = RMSNorm(d, config.eps)
+        self.self_attn = Attention(d, config.n_heads, config.d_head, bias=False, scale=1.0)
+        self.ln_ff = RMSNorm(d, config.eps)
+        self.ff = GatedFeedForward(d, config.d_ff)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.ln_attn(x), bias)
+        return x + self.ff(self.ln_ff(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        d = config.d_model
+        self.ln_attn = RMSNorm(d, config.eps)
+        self.self_attn = Attention(d, config.n_heads, config.d_head, bias=False, scale=1.0)
+        self.ln_cross_attn = RMSNorm(d, config.eps)
+        self.cross_attn = Attention(d, config.n_heads, config.d_head, bias=False, scale=1.0)
+        self.ln_ff = RMSNorm(d, config.eps)
+        self.ff = GatedFeedForward(d, config.d_ff)
+
+    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, source: Optional[torch.Tensor],
+                cross_bias: torch.Tensor, kv=None, cross_kv=None) -> torch.Tensor:
+        x = x + self.self_attn(self.ln_attn(x), self_bias, kv)
+        x = x + self.cross_attn(self.ln_cross_attn(x), cross_bias, source=source, cross_kv=cross_kv)
+        return x + self.ff(self.ln_ff(x))
+
+
+class T5Cache:
+    """Decoder run state: self-attention keys/values, and the cross-attention keys/values that are
+    computed from the encoder output on the first step and reused after it."""
+
+    def __init__(self, self_kv: KVCache, cross: CrossKVCache, encoder_mask: torch.Tensor):
+        self.self_kv, self.cross, self.encoder_mask = self_kv, cross, encoder_mask
+
+    @property
+    def length(self) -> int:
+        return self.self_kv.length
+
+
+class T5(nn.Module):
+    """CPM-2 / EVA backbone.
+
+    ``forward(input_ids, attention_mask=None, decoder_input_ids=..., decoder_attention_mask=None) -> logits``;
+    for generation, ``encode`` once, then ``decode`` step by step with a cache from ``new_cache``.
+
+    >>> cfg = T5Config(vocab_size=40, d_model=16, d_ff=32, n_heads=2, d_head=8, n_encoder_layers=1, n_decoder_layers=1)
+    >>> T5(cfg)(torch.tensor([[3, 4, 5]]), decoder_input_ids=torch.tensor([[1]])).shape
+    torch.Size([1, 1, 40])
+    """
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        c = config
+        # declaration order follows BMInf's checkpoint tree
+        self.enc_layers = nn.ModuleList(EncoderBlock(c) for _ in range(c.n_encoder_layers))
+        self.dec_layers = nn.ModuleList(DecoderBlock(c) for _ in range(c.n_decoder_layers))
+        self.ln_enc = RMSNorm(c.d_model, c.eps)
+        self.ln_dec = RMSNorm(c.d_model, c.eps)
+        self.input_embedding = nn.Embedding(c.vocab_size, c.d_model)
+        self.output_embedding = nn.Embedding(c.vocab_size, c.d_model)
+        self.position_bias_enc = RelativePositionBias(c.n_heads, c.num_buckets, c.max_distance, bidirectional=True)
+        self.position_bias_dec = RelativePositionBias(c.n_heads, c.num_buckets, c.max_distance, bidirectional=False)
+
+    def _embed(self, ids: Optional[torch.Tensor], embeds: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+               name: str, check: bool = True):
+        if embeds is None:
+            if ids is None:
+                raise ValueError(f"pass {name} or its embeddings")
+            if check:
+                check_ids(ids, self.config.vocab_size, name)
+            embeds = self.input_embedding(ids)
+        x = embeds.to(self.input_embedding.weight.dtype)
+        batch, seq = x.shape[:2]
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=x.device) if mask is None \
+            else mask.to(device=x.device, dtype=torch.bool)
+        if mask.shape != (batch, seq):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match {name} {(batch, seq)}")
+        return x, mask
+
+    def encode(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+               inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder output (batch, seq, d_model) after the final norm."""
+        x, mask = self._embed(input_ids, inputs_embeds, attention_mask, "input_ids")
+        pos = torch.arange(x.shape[1], device=x.device)
+        # (batch, heads, seq, seq): relative bias plus key padding
+        bias = self.position_bias_enc(pos, pos)[None].to(x.dtype) + additive_mask(mask, x.dtype)[:, None, None, :]
+        for block in self.enc_layers:
+            x = block(x, bias)
+        return self.ln_enc(x)
+
+    def new_cache(self, encoder_mask: torch.Tensor, max_length: int = 256, dtype=None, device=None) -> T5Cache:
+        """A decoder cache for a batch whose encoder mask is ``encoder_mask`` (batch, source_len)."""
+        c, w = self.config, self.input_embedding.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        batch, source_len = encoder_mask.shape
+        self_kv = KVCache(c.n_decoder_layers, batch, c.n_heads, max_length, c.d_head, dtype, device)
+        cross = CrossKVCache(c.n_decoder_layers, batch, c.n_heads, source_len, c.d_head, dtype, device)
+        return T5Cache(self_kv, cross, encoder_mask.to(device=device, dtype=torch.bool))
+
+    def decode(self, decoder_input_ids: Optional[torch.Tensor] = None, encoder_output: Optional[torch.Tensor] = None,
+               encoder_mask: Optional[torch.Tensor] = None, decoder_attention_mask: Optional[torch.Tensor] = None,
+               cache: Optional[T5Cache] = None, decoder_inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Decoder logits (batch, seq, vocab). With a cache, ``encoder_output`` is needed on the first step only."""
+        check = cache is None or (decoder_input_ids is not None and decoder_input_ids.shape[1] > 1)
+        x, mask = self._embed(decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask,
+                              "decoder_input_ids", check)
+        seq = x.shape[1]
+        if cache is not None:
+            encoder_mask = cache.encoder_mask
+            start, key_mask = cache.length, cache.self_kv.begin(mask)
+        else:
+            if encoder_output is None:
+                raise ValueError("decode needs encoder_output when no cache is given")
+            start, key_mask = 0, mask
+        if encoder_mask is None:
+            encoder_mask = torch.ones(encoder_output.shape[:2], dtype=torch.bool, device=x.device)
+
+        query_pos = torch.arange(start, start + seq, device=x.device)
+        key_pos = torch.arange(key_mask.shape[1], device=x.device)
+        allowed = key_mask[:, None, :] & (key_pos[None, None, :] <= query_pos[None, :, None])
+        self_bias = self.position_bias_dec(query_pos, key_pos)[None].to(x.dtype) + additive_mask(allowed, x.dtype)[:, None]
+        cross_bias = additive_mask(encoder_mask.to(x.device, torch.bool), x.dtype)[:, None, None, :]
+
+        for i, block in enumerate(self.dec_layers):
+            kv = cache.self_kv.layer(i) if cache is not None else None
+            cross_kv = cache.cross.layer(i) if cache is not None else None
+            x = block(x, self_bias, encoder_output, cross_bias, kv, cross_kv)
+        if cache is not None:
+            cache.self_kv.commit(mask)
+        return self.lm_head(self.ln_dec(x))
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.output_embedding.weight)  # untied, unscaled
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                decoder_input_ids: Optional[torch.Tensor] = None, decoder_attention_mask: Optional[torch.Tensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if decoder_input_ids is None:
+            raise ValueError("T5 forward needs decoder_input_ids")
+        encoder_output = self.encode(input_ids, attention_mask, inputs_embeds)
+        mask = attention_mask if attention_mask is not None else \
+            torch.ones(encoder_output.shape[:2], dtype=torch.bool, device=encoder_output.device)
+        return self.decode(decoder_input_ids, encoder_output, mask, decoder_attention_mask)
