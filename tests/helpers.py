@@ -40,7 +40,8 @@ def hf_gpt2(model: GPT, state=None):
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.max_positions, n_embd=c.d_model, n_layer=c.n_layers,
         n_head=c.n_heads, n_inner=c.d_ff, activation_function="gelu_new", layer_norm_epsilon=c.eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)).eval()
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0)).eval()
     missing, unexpected = hf.load_state_dict(gpt_to_hf(state or model.state_dict()), strict=False)
     assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), missing
     return hf
