@@ -1,0 +1,266 @@
+"""What the three tokenizers share: the vocab.txt reader, jieba, full-width folding, greedy matching.
+
+CPM-1, CPM-2 and EVA all segment text with jieba (accurate mode, HMM on), map space and newline to
+``▂``/``▃`` and cut each word into the longest pieces found in ``vocab.txt``. They differ only in
+which full-width characters they fold, CPM-1's ``▁`` word-start marker, and how decode treats ``▁``.
+Nothing here imports jieba until a tokenizer first encodes.
+"""
+import functools
+import logging
+import os
+from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+__all__ = ["Tokenizer", "VocabTokenizer", "load_vocab", "segment", "fullwidth_table"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# space and newline cannot be vocab entries (the reader strips lines), so they travel as these
+SPACES_TO_MARKS = str.maketrans(" \n", "\u2582\u2583")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The protocol the models rely on; every bminf tokenizer satisfies it.
+
+    >>> from bminf.tokenizers import CPM2Tokenizer
+    >>> isinstance(CPM2Tokenizer("vocab.txt"), Tokenizer)    # doctest: +SKIP
+    True
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eod_id(self) -> int: ...
+    @property
+    def sod_id(self) -> int: ...
+    @property
+    def unk_id(self) -> int: ...
+    @property
+    def sep_id(self) -> int: ...
+    def encode(self, text: str) -> List[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def get_span(self, i: int) -> int: ...
+
+
+def load_vocab(path: PathLike) -> Tuple[List[str], int]:
+    """Read a vocab.txt as the released BMInf reader does: strip each line, skip the empty ones.
+
+    Returns ``(tokens, n_blank)``: ``tokens[i]`` is the piece with id ``i`` (ids count kept lines
+    only, so a blank line shifts every later id down by one) and ``n_blank`` the lines skipped.
+
+    >>> tokens, n_blank = load_vocab("vocab.txt")            # doctest: +SKIP
+    >>> tokens[:3], n_blank                                    # doctest: +SKIP
+    (['<unk>', '<s>', '</s>'], 0)
+    """
+    tokens, n_blank = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            piece = line.strip()
+            if piece:
+                tokens.append(piece)
+            else:
+                n_blank += 1
+    return tokens, n_blank
+
+
+@functools.lru_cache(maxsize=None)
+def _jieba():
+    import jieba
+
+    # jieba logs its dictionary loading at DEBUG on its own stderr handler
+    logging.getLogger("jieba").setLevel(logging.WARNING)
+    # our own instance, so users' jieba.load_userdict / add_word calls cannot change our ids
+    tokenizer = jieba.Tokenizer()
+    tokenizer.initialize()
+    return tokenizer
+
+
+def segment(text: str) -> List[str]:
+    """jieba accurate-mode words (HMM on), the segmentation every CPM vocab was built with.
+
+    Whitespace characters come out as words of their own, one per character.
+
+    >>> segment("我们喜欢 hello")                            # doctest: +SKIP
+    ['我们', '喜欢', ' ', 'hello']
+    """
+    return _jieba().lcut(text, cut_all=False, HMM=True)
+
+
+def fullwidth_table(exempt: str = "", extra: Optional[Dict[str, str]] = None) -> Dict[int, str]:
+    """A ``str.translate`` table folding full-width ASCII (U+FF00..U+FF5E) and U+3000 to ASCII.
+
+    ``exempt`` characters are left alone (CPM-2 keeps ``，。！（）？、；：``); ``extra`` adds more
+    replacements (CPM-1 turns ``…`` into ``...``).
+
+    >>> "ＡＢＣ，１\u3000".translate(fullwidth_table(exempt="，"))
+    'ABC，1 '
+    """
+    table = {cp: chr(cp - 0xFEE0) for cp in range(0xFF00, 0xFF5F)}
+    table[0x3000] = " "
+    for ch in exempt:
+        table.pop(ord(ch), None)
+    for ch, repl in (extra or {}).items():
+        table[ord(ch)] = repl
+    return table
+
+
+class VocabTokenizer:
+    """A vocabulary with its special ids, checked on load, plus greedy longest-match encoding.
+
+    Subclasses set ``required`` (tokens that must be in the vocab), ``word_prefix``, the full-width
+    table, the decode table and the default number of ``<s_i>`` sentinels.
+    """
+
+    required: Tuple[str, ...] = ("<unk>",)
+    word_prefix = ""
+    max_word_chars = 200  # a longer word (prefix included) becomes a single <unk>, as released
+    _fold: Dict[int, str] = {}
+    _unmark: Dict[int, Optional[str]] = {}
+
+    def __init__(self, vocab_path: PathLike, expected_size: Optional[int] = None, n_sentinels: int = 0):
+        tokens, n_blank = load_vocab(vocab_path)
+        self._setup(tokens, os.fspath(vocab_path), expected_size, n_sentinels, n_blank)
+
+    def _setup(self, tokens: List[str], source: str, expected_size: Optional[int], n_sentinels: int,
+               n_blank: int = 0, required: Sequence[str] = ()) -> None:
+        self.source = source
+        self._tokens = tokens
+        # a repeated piece keeps its last id, as the released reader's dict did
+        self._ids = {t: i for i, t in enumerate(tokens)}
+        self._longest = max((len(t) for t in tokens), default=1)
+        self._cache: Dict[str, List[int]] = {}
+        if expected_size is not None and len(tokens) != expected_size:
+            blanks = f" after skipping {n_blank} blank line(s)" if n_blank else ""
+            raise ValueError(f"{source}: vocabulary has {len(tokens)} entries{blanks}, the model expects "
+                             f"{expected_size}")
+        name = type(self).__name__
+        for token in required or self.required:
+            if token not in self._ids:
+                raise ValueError(f"{source}: vocabulary has no special token {token!r}, which {name} needs")
+        for i in range(n_sentinels):
+            if f"<s_{i}>" not in self._ids:
+                raise ValueError(f"{source}: vocabulary has no sentinel '<s_{i}>' ({name} was asked for "
+                                 f"<s_0>..<s_{n_sentinels - 1}>; pass a smaller n_sentinels for a smaller vocab)")
+        self.n_sentinels = n_sentinels
+        self._unk = self._ids["<unk>"]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, vocab_size={self.vocab_size})"
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (kept lines of vocab.txt), the size of the model's output layer."""
+        return len(self._tokens)
+
+    def _special(self, token: str) -> int:
+        i = self._ids.get(token)
+        if i is None:
+            raise ValueError(f"{self.source}: vocabulary has no {token!r}, so {type(self).__name__} "
+                             f"cannot give its id")
+        return i
+
+    @property
+    def unk_id(self) -> int:
+        return self._unk
+
+    @property
+    def sod_id(self) -> int:
+        """Id of ``<s>``, the decoder start token of CPM-2."""
+        return self._special("<s>")
+
+    @property
+    def eod_id(self) -> int:
+        return self._special("<eod>")
+
+    @property
+    def sep_id(self) -> int:
+        """Id of ``<sep>``, which ends each utterance in EVA's dialogue context."""
+        return self._special("<sep>")
+
+    @property
+    def pad_id(self) -> int:
+        return self._special("<pad>")
+
+    @property
+    def sentinel_ids(self) -> List[int]:
+        """Ids of ``<s_0>`` .. ``<s_{n_sentinels-1}>``, in order."""
+        return [self._ids[f"<s_{i}>"] for i in range(self.n_sentinels)]
+
+    def get_span(self, i: int) -> int:
+        """Id of the sentinel ``<s_i>`` that stands for the i-th blank.
+
+        >>> tok.get_span(0)                                       # doctest: +SKIP
+        26050
+        """
+        if i < 0:
+            raise ValueError(f"sentinel index must be >= 0, got {i}")
+        return self._special(f"<s_{i}>")
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        """Id of a piece spelled exactly as in the vocab, or None (no segmentation is done)."""
+        return self._ids.get(token)
+
+    def id_to_token(self, i: int) -> str:
+        if not 0 <= i < len(self._tokens):
+            raise ValueError(f"token id {i} is outside the vocabulary (size {len(self._tokens)})")
+        return self._tokens[i]
+
+    def tokenize(self, text: str) -> List[str]:
+        """The pieces ``encode`` picks, as strings (unknown characters show as ``<unk>``)."""
+        return [self._tokens[i] for i in self.encode(text)]
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text``: fold full-width, jieba, mark spaces, then greedy longest match.
+
+        >>> tok.encode("我们喜欢北京")                              # doctest: +SKIP
+        [12, 15, 16]
+        """
+        ids: List[int] = []
+        for word in segment(text.translate(self._fold)):
+            ids.extend(self._encode_word(word))
+        return ids
+
+    def _encode_word(self, word: str) -> List[int]:
+        # jieba words repeat a lot in real text; the cache roughly doubles encode speed
+        ids = self._cache.get(word)
+        if ids is None:
+            ids = self._match(self.word_prefix + word.translate(SPACES_TO_MARKS))
+            if len(self._cache) >= 1 << 16:
+                self._cache.clear()
+            self._cache[word] = ids
+        return ids
+
+    def _match(self, word: str) -> List[int]:
+        if len(word) > self.max_word_chars:
+            return [self._unk]
+        vocab, ids, start, n = self._ids, [], 0, len(word)
+        while start < n:
+            # no piece is longer than self._longest, so shorter candidates are all that can match
+            for end in range(min(n, start + self._longest), start, -1):
+                i = vocab.get(word[start:end])
+                if i is not None:
+                    ids.append(i)
+                    start = end
+                    break
+            else:
+                ids.append(self._unk)  # no piece starts here: skip one character
+                start += 1
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``: pieces joined, ``▂``/``▃`` back to space/newline; specials stay literal.
+
+        >>> tok.decode(tok.encode("我们 hello"))                   # doctest: +SKIP
+        '我们 hello'
+        """
+        tokens, n = self._tokens, len(self._tokens)
+        pieces = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < n:
+                raise ValueError(f"token id {i} is outside the vocabulary (size {n})")
+            pieces.append(tokens[i])
+        return "".join(pieces).translate(self._unmark)
