@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from bminf.tokenizers import CPM1Tokenizer, CPM2Tokenizer, EVATokenizer, Tokenizer, load_vocab
+from bminf.tokenizers import CPM1Tokenizer, CPM2Tokenizer, EVATokenizer, Tokenizer, load_vocab, segment
 
 UNK = 0
 
@@ -89,6 +89,10 @@ def test_missing_specials_raise_with_file_name(tmp_path, cpm1, cpm2):
     tok = CPM2Tokenizer(no_sep, n_sentinels=4)  # CPM-2 does not need <sep>: only its id is missing
     with pytest.raises(ValueError, match=r"no_sep\.txt.*'<sep>'"):
         tok.sep_id
+    assert getattr(tok, "sep_id", None) is None  # the error is an AttributeError too
+    dup = write_vocab(tmp_path / "dup.txt", T5_VOCAB[:20] + ["我们"] + T5_VOCAB[20:])
+    with pytest.raises(ValueError, match=r"dup\.txt: piece '我们' appears twice \(ids 11 and 20"):
+        CPM2Tokenizer(dup, n_sentinels=4)
     no_mark = write_vocab(tmp_path / "no_mark.txt", [t for t in CPM1_VOCAB if t != "▁"])
     with pytest.raises(ValueError, match="'▁'"):
         CPM1Tokenizer(no_mark)
@@ -302,8 +306,6 @@ def agreement_texts():
 
 
 def test_sentencepiece_agrees_with_hf_cpm_tokenizer(spm_path, hf_cpm):
-    from bminf.tokenizers import segment
-
     ours = CPM1Tokenizer.from_sentencepiece(spm_path, expected_size=120)
     assert ours.eod_id == hf_cpm.convert_tokens_to_ids("<eod>") == 7
     # CpmTokenizer used to run jieba in _tokenize before XLNet's steps; transformers 5 replaced that

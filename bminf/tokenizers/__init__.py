@@ -9,9 +9,9 @@ use, not here.
 >>> tok.decode(tok.encode("北京欢迎你"))                        # doctest: +SKIP
 '北京欢迎你'
 """
-from .base import Tokenizer, VocabTokenizer, load_vocab, segment
+from .base import MissingTokenError, Tokenizer, VocabTokenizer, load_vocab, segment
 from .cpm1 import CPM1Tokenizer
 from .cpm2 import CPM2Tokenizer, EVATokenizer
 
-__all__ = ["Tokenizer", "CPM1Tokenizer", "CPM2Tokenizer", "EVATokenizer", "VocabTokenizer", "load_vocab",
-           "segment"]
+__all__ = ["Tokenizer", "CPM1Tokenizer", "CPM2Tokenizer", "EVATokenizer", "VocabTokenizer", "MissingTokenError",
+           "load_vocab", "segment"]

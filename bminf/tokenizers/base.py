@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
-__all__ = ["Tokenizer", "VocabTokenizer", "load_vocab", "segment", "fullwidth_table"]
+__all__ = ["Tokenizer", "VocabTokenizer", "MissingTokenError", "load_vocab", "segment", "fullwidth_table"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -18,9 +18,19 @@ PathLike = Union[str, "os.PathLike[str]"]
 SPACES_TO_MARKS = str.maketrans(" \n", "\u2582\u2583")
 
 
+class MissingTokenError(ValueError, AttributeError):
+    """A special-id property asked for a token the vocabulary lacks (say ``sep_id`` of CPM-2's).
+
+    Also an AttributeError, so ``hasattr(tok, "sep_id")`` answers False and
+    ``getattr(tok, "sep_id", None)`` gives None instead of raising.
+    """
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """The protocol the models rely on; every bminf tokenizer satisfies it.
+
+    A special-id property whose token the vocab lacks raises :class:`MissingTokenError`.
 
     >>> from bminf.tokenizers import CPM2Tokenizer
     >>> isinstance(CPM2Tokenizer("vocab.txt"), Tokenizer)    # doctest: +SKIP
@@ -125,8 +135,13 @@ class VocabTokenizer:
                n_blank: int = 0, required: Sequence[str] = ()) -> None:
         self.source = source
         self._tokens = tokens
-        # a repeated piece keeps its last id, as the released reader's dict did
-        self._ids = {t: i for i, t in enumerate(tokens)}
+        self._ids: Dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            if t in self._ids:
+                # the released reader silently gave a repeated piece and the next one the same id
+                raise ValueError(f"{source}: piece {t!r} appears twice (ids {self._ids[t]} and {i}, "
+                                 f"counting non-blank lines from 0)")
+            self._ids[t] = i
         self._longest = max((len(t) for t in tokens), default=1)
         self._cache: Dict[str, List[int]] = {}
         if expected_size is not None and len(tokens) != expected_size:
@@ -158,8 +173,8 @@ class VocabTokenizer:
     def _special(self, token: str) -> int:
         i = self._ids.get(token)
         if i is None:
-            raise ValueError(f"{self.source}: vocabulary has no {token!r}, so {type(self).__name__} "
-                             f"cannot give its id")
+            raise MissingTokenError(f"{self.source}: vocabulary has no {token!r}, so {type(self).__name__} "
+                                    f"cannot give its id")
         return i
 
     @property
