@@ -42,8 +42,10 @@ def tiny_vocab(path: str, model: str) -> None:
     chars = sorted({c for w in WORDS + PUNCT for c in w} | set("ABC,!?:;()."))
     pieces += WORDS + chars + (["▁" + w for w in WORDS + chars] if model == "cpm1" else [])
     pieces += [f"<s_{i}>" for i in range(190)]
+    # stripped and de-duplicated as the reader would see them (" " and "▁ " are not pieces)
+    pieces = dict.fromkeys(p.strip() for p in pieces if p.strip())
     with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(dict.fromkeys(pieces)) + "\n")
+        f.write("\n".join(pieces) + "\n")
 
 
 def timed(fn, items):

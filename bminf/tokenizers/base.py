@@ -239,7 +239,7 @@ class VocabTokenizer:
         return ids
 
     def _encode_word(self, word: str) -> List[int]:
-        # jieba words repeat a lot in real text; the cache roughly doubles encode speed
+        # jieba words repeat a lot in real text: cached, matching costs ~10x less and jieba dominates
         ids = self._cache.get(word)
         if ids is None:
             ids = self._match(self.word_prefix + word.translate(SPACES_TO_MARKS))
