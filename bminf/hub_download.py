@@ -1,0 +1,385 @@
+"""Fetch one file into the cache: stream, resume, verify, lock. The public face is :mod:`bminf.hub`.
+
+The cache holds either the complete, verified file at its final name or nothing there: bytes go
+to ``<file>.part`` and are renamed into place only after the size and sha256 checks pass. A
+``<file>.meta`` JSON beside it records what was verified, so later loads need no network call.
+
+>>> fetch("http://127.0.0.1:8000/cpm1-new/vocab.txt", "/tmp/c/cpm1-new/vocab.txt",
+...       lock_path="/tmp/c/.locks/cpm1-new/vocab.txt.lock")          # doctest: +SKIP
+'/tmp/c/cpm1-new/vocab.txt'
+"""
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from typing import Optional, Tuple, Union
+
+import requests
+import urllib3
+from filelock import FileLock, Timeout
+from tqdm import tqdm
+
+logger = logging.getLogger("bminf.hub")
+
+Timeouts = Union[float, Tuple[float, float]]
+
+CHUNK_BYTES = 1 << 20
+RETRY_BACKOFF_S = 1.0  # first pause after a failed attempt that made no progress; doubles, capped at 30 s
+MAX_ATTEMPTS = 1000  # hard stop even for a server that keeps dropping after a few new bytes
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_CONTENT_RANGE_RE = re.compile(r"^bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)$")
+
+
+class DownloadError(ConnectionError):
+    """The source answered, but the file could not be fetched (HTTP error, transfer kept failing)."""
+
+
+class IntegrityError(DownloadError):
+    """The bytes received do not match the expected size or sha256; nothing was kept."""
+
+
+class SourceUnreachableError(DownloadError):
+    """No connection to the source could be made at all (offline, DNS, refused)."""
+
+
+# ---------------------------------------------------------------- local files
+
+
+def _cache_error(exc: OSError, path: str) -> OSError:
+    """Turn a low-level OSError into one whose message names the cache directory and the fix."""
+    directory = os.path.dirname(path)
+    hint = "set BMINF_CACHE (or bminf.hub.set_cache_path) to another directory"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        msg = f"cache directory {directory} is not writable ({exc.strerror}); {hint}"
+        return PermissionError(exc.errno, msg, path)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = (f"no space left in cache directory {directory} ({exc.strerror}); free space and run again "
+               f"(bytes already in a .part file are kept and resumed), or {hint}")
+        return OSError(exc.errno, msg, path)
+    return OSError(exc.errno, f"cannot write to cache directory {directory} ({exc.strerror}); {hint}", path)
+
+
+@contextmanager
+def _writing(path: str):
+    # Only local file operations go in here: requests' exceptions are OSErrors too and must not be renamed.
+    try:
+        yield
+    except OSError as exc:
+        raise _cache_error(exc, path) from exc
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _remove(path: str) -> None:
+    with _writing(path):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _sha256_of(path: str, limit: Optional[int] = None, progress: Optional[bool] = False):
+    """A sha256 hasher fed with the first ``limit`` bytes of ``path`` (all of it when None)."""
+    hasher = hashlib.sha256()
+    remaining = _size(path) if limit is None else limit
+    if remaining == 0:
+        return hasher
+    disable = None if progress is None else not progress
+    with open(path, "rb") as f, tqdm(total=remaining, unit="B", unit_scale=True, unit_divisor=1024,
+                                     desc=f"Verifying {os.path.basename(path)}", disable=disable) as bar:
+        while remaining > 0:
+            block = f.read(min(CHUNK_BYTES, remaining))
+            if not block:
+                break
+            hasher.update(block)
+            remaining -= len(block)
+            bar.update(len(block))
+    return hasher
+
+
+def meta_path(dest: str) -> str:
+    return dest + ".meta"
+
+
+def read_meta(dest: str) -> Optional[dict]:
+    try:
+        with open(meta_path(dest), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_verified(dest: str, sha256: Optional[str] = None) -> bool:
+    """True when ``dest`` is a file this module verified and it still has the recorded size (no hashing)."""
+    meta = read_meta(dest)
+    if meta is None or not os.path.isfile(dest) or meta.get("size") != os.path.getsize(dest):
+        return False
+    return sha256 is None or meta.get("sha256") == sha256.lower()
+
+
+def _write_meta(dest: str, size: int, sha256: Optional[str], url: str) -> None:
+    tmp = meta_path(dest) + ".tmp"
+    with _writing(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"size": size, "sha256": sha256, "url": url, "time": int(time.time())}, f)
+        os.replace(tmp, meta_path(dest))
+
+
+@contextmanager
+def _locked(lock_path: str, what: str):
+    # Create the lock file ourselves first: FileLock's own error for a read-only directory is less clear.
+    with _writing(lock_path):
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0.5)
+    except Timeout:
+        logger.warning("waiting for another process that is downloading %s (lock %s)", what, lock_path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------- network
+
+
+def _pause(failures: int) -> None:
+    time.sleep(min(RETRY_BACKOFF_S * 2 ** (failures - 1), 30.0))
+
+
+def remote_sha256(session: requests.Session, url: str, timeout: Timeouts, retries: int) -> Optional[str]:
+    """The digest in ``<url>.sha256`` (``sha256sum`` format), or None when the server has none."""
+    for failures in range(1, retries + 2):
+        try:
+            r = session.get(url + ".sha256", timeout=timeout)
+        except requests.ConnectionError as exc:
+            raise SourceUnreachableError(f"cannot connect to {url}: {exc}") from exc
+        except requests.RequestException as exc:
+            error = str(exc)
+        else:
+            if r.status_code == 200:
+                token = r.text.split()[0] if r.text.split() else ""
+                if _SHA256_RE.match(token):
+                    return token.lower()
+                logger.warning("ignoring %s.sha256: not a sha256 digest", url)
+                return None
+            if 400 <= r.status_code < 500 and r.status_code != 429:
+                return None  # 404 (or 403 on some object stores): the checksum is simply unknown
+            error = f"HTTP {r.status_code}"
+        if failures <= retries:
+            _pause(failures)
+    raise DownloadError(f"cannot fetch {url}.sha256 after {retries} retries: {error}")
+
+
+def _parse_content_range(value: str) -> Tuple[Optional[int], Optional[int]]:
+    """``bytes 100-199/200`` -> (100, 200); ``bytes */200`` -> (None, 200)."""
+    m = _CONTENT_RANGE_RE.match(value.strip())
+    if m is None:
+        return None, None
+    start = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(2)) if m.group(2) != "*" else None
+    return start, total
+
+
+def _adopt_existing(session, url: str, dest: str, part: str, sha256: Optional[str], timeout: Timeouts,
+                    progress: Optional[bool]) -> bool:
+    """A file at ``dest`` that we did not verify (BMInf 1.x download, manual copy): keep, resume or drop it.
+
+    Returns True when ``dest`` is to be used as it is. BMInf 1.x wrote straight to the final name, so a
+    smaller file is an interrupted download and becomes the ``.part`` to resume from.
+    """
+    try:
+        r = session.head(url, timeout=timeout, allow_redirects=True)
+    except requests.ConnectionError as exc:
+        raise SourceUnreachableError(f"cannot connect to {url}: {exc}") from exc
+    except requests.RequestException as exc:
+        logger.warning("cannot check %s against %s (%s); using it as it is", dest, url, exc)
+        return True
+    length = r.headers.get("Content-Length")
+    if r.status_code != 200 or length is None:
+        logger.warning("cannot check %s against %s (HTTP %s); using it as it is", dest, url, r.status_code)
+        return True
+    local, remote = os.path.getsize(dest), int(length)
+    if local == remote:
+        digest = _sha256_of(dest, progress=progress).hexdigest() if sha256 else None
+        if digest == sha256:
+            _write_meta(dest, local, digest, url)
+            return True
+        logger.warning("%s does not match the sha256 of %s; downloading it again", dest, url)
+    elif local < remote and _size(part) < local:
+        logger.warning("%s is incomplete (%d of %d bytes); resuming it", dest, local, remote)
+        with _writing(part):
+            os.replace(dest, part)
+        return False
+    _remove(dest)
+    return False
+
+
+def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_args: dict) -> str:
+    """One GET from the current end of ``part``. Returns 'done', 'retry' or 'restart'; raises on HTTP errors."""
+    offset = _size(part)
+    headers = {"Accept-Encoding": "identity"}  # byte counts must match Content-Length, so no gzip
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        state["answered"] = True
+        if r.status_code == 416:  # nothing after offset: either part is already complete or it is too long
+            _, total = _parse_content_range(r.headers.get("Content-Range", ""))
+            state["total"] = total
+            return "done" if total == offset else "restart"
+        if r.status_code == 206:
+            start, total = _parse_content_range(r.headers.get("Content-Range", ""))
+            if start != offset:
+                return "restart"
+        elif r.status_code == 200:
+            start, length = 0, r.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+            if offset and total == offset:
+                state["total"] = total
+                return "done"  # server ignores Range, but part already has every byte; sha256 decides
+        elif r.status_code >= 500 or r.status_code == 429:
+            state["error"] = f"HTTP {r.status_code}"
+            return "retry"
+        else:
+            raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}"
+                                + (" (the source does not have this file)" if r.status_code == 404 else ""))
+        state["total"] = total
+        if state["size"] is not None and total is not None and total != state["size"]:
+            raise IntegrityError(f"{url}: server reports {total} bytes, the registry expects {state['size']}")
+        if total is not None:
+            free = shutil.disk_usage(os.path.dirname(part)).free
+            if free < total - start:
+                raise _cache_error(OSError(errno.ENOSPC, f"{total - start} bytes needed, {free} free"), part)
+        if state["hashed"] != start:  # resuming a part from an earlier run: hash what is already there
+            state["hasher"] = _sha256_of(part, limit=start, progress=state["progress"])
+            state["hashed"] = start
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, initial=start, **bar_args)
+        else:  # a resumed attempt: the bar continues from the bytes already on disk
+            bar.reset(total=total)
+            bar.update(start)
+        with _writing(part):
+            f = open(part, "ab" if start else "wb", buffering=0)
+        try:
+            # raw.read, not iter_content: it hands over the bytes received before a hang-up instead of
+            # dropping them with the exception, so a resume starts after every byte that arrived
+            while True:
+                chunk = r.raw.read(CHUNK_BYTES, decode_content=False)  # raises urllib3 errors
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                with _writing(part):
+                    while view:
+                        view = view[f.write(view):]
+                state["hasher"].update(chunk)
+                state["hashed"] += len(chunk)
+                bar.update(len(chunk))
+        finally:
+            f.close()
+    return "done"
+
+
+def fetch(url: str, dest: str, *, lock_path: str, sha256: Optional[str] = None, size: Optional[int] = None,
+          force: bool = False, timeout: Timeouts = (10.0, 60.0), retries: int = 5,
+          progress: Optional[bool] = None, desc: str = "") -> str:
+    """Download ``url`` to ``dest`` unless a verified copy is there; returns ``dest``.
+
+    ``sha256``/``size`` are known values (the registry's); without a sha256, ``<url>.sha256`` is asked for.
+    Dropped connections resume with HTTP Range; ``retries`` bounds consecutive attempts that add no bytes.
+    Raises SourceUnreachableError (no connection at all, nothing changed), DownloadError (a partial
+    ``.part`` may stay for resuming), IntegrityError (the ``.part`` is deleted), or OSError/PermissionError
+    naming the cache directory.
+    """
+    part = dest + ".part"
+    with _writing(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with _locked(lock_path, desc or dest), requests.Session() as session:
+        if force:
+            for path in (meta_path(dest), dest, part):
+                _remove(path)
+        if is_verified(dest, sha256):
+            return dest  # another process finished it while we waited for the lock
+        # "answered": whether the source has replied, which tells "unreachable" from "transfer failed"
+        answered = sha256 is None or os.path.isfile(dest)
+        if sha256 is None:
+            sha256 = remote_sha256(session, url, timeout, retries)
+        if os.path.isfile(dest) and _adopt_existing(session, url, dest, part, sha256, timeout, progress):
+            return dest
+        state = {"answered": answered, "size": size, "total": None, "hasher": None, "hashed": -1,
+                 "error": "", "progress": progress}
+        bar_args = dict(unit="B", unit_scale=True, unit_divisor=1024, desc=f"Downloading {desc}",
+                        disable=None if progress is None else not progress)
+        try:
+            _transfer(session, url, part, state, timeout, retries, bar_args)
+        finally:
+            if state.get("bar") is not None:
+                state["bar"].close()
+        return _finish(url, dest, part, sha256, state)
+
+
+def _transfer(session, url, part, state, timeout, retries, bar_args) -> None:
+    # Progress means more bytes than the part ever held: re-fetching bytes lost to a restart does not
+    # count, so a server that makes us restart forever still runs out of retries.
+    failures, best = 0, _size(part)
+    for _ in range(MAX_ATTEMPTS):
+        try:
+            outcome = _attempt(session, url, part, state, timeout, bar_args)
+        except requests.ConnectionError as exc:
+            if not state["answered"]:
+                raise SourceUnreachableError(f"cannot connect to {url}: {exc}") from exc
+            outcome, state["error"] = "retry", str(exc)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:  # timeouts, broken streams
+            outcome, state["error"] = "retry", str(exc)
+        if outcome == "restart":
+            _remove(part)
+            state["error"] = "the server's byte range did not continue the partial file"
+        elif outcome == "done":
+            total = state["total"]
+            if total is None or _size(part) >= total:
+                return
+            outcome, state["error"] = "retry", f"stream ended at byte {_size(part)} of {total}"
+        if _size(part) > best:
+            failures, best = 0, _size(part)  # resume at once, this attempt does not count against the bound
+            continue
+        failures += 1
+        if failures > retries:
+            break
+        _pause(failures)
+    kept = f"; {_size(part)} bytes are kept in {part} and the next try resumes" if _size(part) else ""
+    raise DownloadError(f"download of {url} failed after {retries} retries: {state['error']}{kept}")
+
+
+def _finish(url: str, dest: str, part: str, sha256: Optional[str], state: dict) -> str:
+    received, total = _size(part), state["total"]
+    if total is not None and received != total:
+        _remove(part)
+        raise IntegrityError(f"{url}: received {received} bytes but the server announced {total}; "
+                             "partial file deleted")
+    if state["hashed"] != received:
+        state["hasher"] = _sha256_of(part, progress=state["progress"])
+    digest = state["hasher"].hexdigest()
+    if sha256 is not None and digest != sha256:
+        _remove(part)
+        raise IntegrityError(f"{url}: sha256 mismatch (expected {sha256}, got {digest}); partial file deleted, "
+                             "run again to download it from scratch")
+    with _writing(part):
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())  # the bytes reach the disk before the name says "complete"
+        os.replace(part, dest)
+    _write_meta(dest, received, digest, url)
+    return dest
