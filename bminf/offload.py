@@ -1,0 +1,390 @@
+"""Run a stack of transformer blocks inside a device memory budget.
+
+``TransformerBlockList`` is a drop-in for the ``nn.ModuleList`` of blocks. It plans from
+``memory_limit`` which blocks stay on the device (``offload_plan``); the others live in one pinned
+host buffer each and are copied into rotating device slots on a side stream, one block ahead of
+use, so copying overlaps compute (``offload_stream``). When everything fits it is a plain
+``ModuleList`` of resident blocks: no streams, events or wrappers on the hot path.
+
+Blocks are called as usual, by ``forward(x, *args)`` or by the model's own loop
+(``for block in self.layers: x = block(x, ...)``, indexing, slicing): a streamed block's
+``forward`` is wrapped at instance level, so its module, names and state_dict are unchanged.
+Weights of blocks in a list that streams are frozen; gradients reach the inputs (hidden states,
+prompt embeddings) through a per-block recompute in backward, with the weights streamed again.
+"""
+import functools
+import logging
+import warnings
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+
+from .offload_plan import MIB, Plan, plan_residency, split_contiguous
+from .offload_stream import BlockWeights, Streamer
+
+__all__ = ["TransformerBlockList", "place_block_lists", "kernel_scratch"]
+
+_log = logging.getLogger("bminf")
+DeviceSpec = Union[None, int, str, torch.device, Sequence[Union[int, str, torch.device, Tuple]]]
+
+
+def kernel_scratch(modules: Iterable[nn.Module]) -> int:
+    """Transient bytes the portable int8 kernel needs: it materializes two fp16 copies of the
+    largest int8 weight (cast, then scaled) before the matmul."""
+    largest = max((t.numel() for m in modules for t in m.parameters() if t.dtype == torch.int8), default=0)
+    return 2 * 2 * largest
+
+
+def _devices(device: DeviceSpec, memory_limit: Optional[int]) -> List[Tuple[torch.device, Optional[int]]]:
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    # a list holds several devices or (device, limit) pairs; anything else is one device
+    items = list(device) if isinstance(device, list) else [device]
+    out = []
+    for item in items:
+        dev, limit = item if isinstance(item, tuple) else (item, memory_limit)
+        dev = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        out.append((dev, limit))
+    return out
+
+
+class _DevicePart:
+    """The blocks of one device: its plan, and the streamer when some blocks are streamed."""
+
+    def __init__(self, device, blocks: List[BlockWeights], priorities, limit, reserve, scratch, slots):
+        self.device, self.blocks, self.priorities = device, blocks, list(priorities)
+        self.reserve, self.scratch, self.slots = reserve, scratch, slots
+        # block weights already on the device are planned below, not part of the baseline
+        on_device = sum(t.numel() * t.element_size() for b in blocks for t in b.tensors if t.device == device)
+        if device.type == "cuda":
+            allocated = torch.cuda.memory_allocated(device)
+            self.baseline = max(allocated - on_device, 0)
+            if limit is None:
+                free, _ = torch.cuda.mem_get_info(device)
+                limit = allocated + int(0.9 * free)
+        else:
+            self.baseline = 0
+        self.limit = limit
+        sizes = [b.nbytes for b in blocks]
+        if limit is None:  # CPU without a limit: everything resident
+            self.plan = Plan((True,) * len(blocks), 0, 0, 0, 0)
+        else:
+            self.plan = plan_residency(sizes, limit, baseline=self.baseline, reserve=reserve, scratch=scratch,
+                                       priorities=self.priorities, slots=slots)
+        self.streamer: Optional[Streamer] = None
+        self.warned = False
+
+    def apply(self, plan: Plan) -> None:
+        """Move blocks to match ``plan``: streamed ones to host first, so device memory drops before it rises."""
+        cuda = self.device.type == "cuda"
+        streamed = [b for b, r in zip(self.blocks, plan.resident) if not r]
+        for b in streamed:
+            if b.host is None:
+                # the recompute in backward has no way to give streamed weights a gradient
+                for t in b.tensors:
+                    t.requires_grad_(False)
+                b.to_host(pin=cuda)
+        if streamed and (self.streamer is None or len(self.streamer.slots) != plan.slots
+                         or self.streamer.slots[0].buf.numel() < plan.slot_bytes):
+            if self.streamer is not None and cuda:
+                torch.cuda.synchronize(self.device)  # queued copies may still target the old slots
+            self.streamer = Streamer(self.device, plan.slots, plan.slot_bytes)
+            for b in streamed:
+                b.slot, b.slot_views = None, {}
+        for b, r in zip(self.blocks, plan.resident):
+            if r:
+                b.host, b.host_views, b.slot_views = None, [], {}
+                b.to_device(self.device)
+        # default prefetch order: the next streamed block of the same list, wrapping around
+        by_list = {}
+        for b in streamed:
+            by_list.setdefault(id(b.owner), []).append(b)
+        for run in by_list.values():
+            for i, b in enumerate(run):
+                b.next, b.prev = run[(i + 1) % len(run)], run[i - 1]
+                b.last_in_list = i == len(run) - 1
+        self.plan = plan
+
+    def check_budget(self) -> None:
+        """After a pass: if the device's peak allocation went over the limit, the reserve was too
+        small; grow it by the excess and turn resident blocks into streamed ones so later passes fit."""
+        if self.device.type != "cuda" or self.limit is None:
+            return
+        peak = torch.cuda.max_memory_allocated(self.device)
+        if peak <= self.limit:
+            return
+        reserve = self.plan.reserve + (peak - self.limit) + 16 * MIB
+        if not self.warned:
+            _log.warning("bminf: peak memory %d B exceeded memory_limit %d B on %s; reserving %d B for "
+                         "activations and streaming more blocks from now on (pass reserve= to plan for it)",
+                         peak, self.limit, self.device, reserve)
+            self.warned = True
+        self.demote(reserve)
+
+    def demote(self, reserve: int) -> None:
+        """Re-plan with a larger ``reserve``; blocks only ever leave the device here."""
+        sizes = [b.nbytes for b in self.blocks]
+        try:
+            plan = plan_residency(sizes, self.limit, baseline=self.baseline, reserve=reserve,
+                                  priorities=self.priorities, slots=self.slots)
+        except ValueError:
+            return  # already at the minimum: nothing left to evict
+        resident = tuple(a and b for a, b in zip(plan.resident, self.plan.resident))
+        slot_bytes = max([s for s, r in zip(sizes, resident) if not r], default=0)
+        plan = Plan(resident, plan.slots if not all(resident) else 0, slot_bytes, reserve, plan.minimum)
+        if plan.resident != self.plan.resident:
+            self.apply(plan)
+            for b in self.blocks:
+                b.owner._wrap(b)
+
+
+class _Recompute(torch.autograd.Function):
+    """One streamed block as an autograd node: the forward keeps only the inputs; the backward
+    streams the block's weights in again, recomputes it with grad and backpropagates through it."""
+
+    @staticmethod
+    def forward(ctx, call, *tensors):
+        ctx.call = call
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return call.run(tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        return (None, *ctx.call.backward(inputs, grads))
+
+
+class _Call:
+    """The pieces of one call of a streamed block that autograd needs to replay it."""
+
+    def __init__(self, lst, block, fwd, spec, leaves, positions):
+        self.lst, self.block, self.fwd = lst, block, fwd
+        self.spec, self.leaves, self.positions = spec, leaves, positions
+        self.out_spec = self.out_leaves = self.out_positions = None
+        dev = block.part.device
+        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+
+    def _invoke(self, tensors):
+        leaves = list(self.leaves)
+        for p, t in zip(self.positions, tensors):
+            leaves[p] = t
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.fwd(*args, **kwargs)
+
+    def run(self, tensors):
+        streamer = self.block.part.streamer
+        streamer.acquire(self.block)
+        try:
+            out = self._invoke(tensors)
+        finally:
+            self.lst._released(self.block)
+        leaves, self.out_spec = tree_flatten(out)
+        self.out_positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        self.out_leaves = leaves
+        return tuple(leaves[i] for i in self.out_positions)
+
+    def rebuild(self, outputs):
+        leaves = list(self.out_leaves)
+        for p, t in zip(self.out_positions, outputs):
+            leaves[p] = t
+        self.out_leaves = None  # the tensors now live in ``outputs``
+        return tree_unflatten(leaves, self.out_spec)
+
+    def backward(self, inputs, grads):
+        part = self.block.part
+        devices = [part.device] if part.device.type == "cuda" else []
+        part.streamer.acquire(self.block, reverse=True)
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(self.rng[0])
+                if devices:
+                    torch.cuda.set_rng_state(self.rng[1], part.device)
+                leaves, _ = tree_flatten(self._invoke(inputs))
+            outs = [leaves[i] for i in self.out_positions]
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            wanted = [t for t in inputs if t.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                      allow_unused=True) if pairs and wanted else [None] * len(wanted)
+        finally:
+            part.streamer.release(self.block, reverse=True)
+        it = iter(got)
+        return [next(it) if t.requires_grad else None for t in inputs]
+
+
+class TransformerBlockList(nn.ModuleList):
+    """A ``ModuleList`` of transformer blocks that runs inside a device memory budget.
+
+    ``device``: a device, or a list of devices / ``(device, memory_limit)`` pairs to split the
+    blocks across, contiguously, in proportion to their budgets. ``memory_limit`` (bytes, per
+    device) caps everything allocated on the device: weights already there, resident blocks, the
+    streaming slots, and ``reserve`` bytes for activations and KV cache (None: ``scratch +
+    max(64 MiB, limit / 16)``, see ``offload_plan``). After a pass whose peak went over the limit,
+    the reserve grows and blocks leave the device. ``slots``: streaming buffers (2 = double buffering).
+
+    >>> blocks = [nn.Linear(8, 8) for _ in range(6)]   # 512 bytes each, aligned
+    >>> layers = TransformerBlockList(blocks, "cpu", memory_limit=4 * 512, reserve=0)
+    >>> layers.streamed_blocks                          # 2 resident + 2 slots
+    [0, 2, 3, 5]
+    >>> layers(torch.ones(1, 8)).shape
+    torch.Size([1, 8])
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module], device: DeviceSpec = None, memory_limit: Optional[int] = None,
+                 *, reserve: Optional[int] = None, slots: int = 2, place: bool = True):
+        super().__init__(list(blocks))
+        if len(self) == 0:
+            raise ValueError("TransformerBlockList needs at least one block")
+        self._weights: List[BlockWeights] = []
+        self._parts: List[_DevicePart] = []
+        self._home: Optional[torch.device] = None
+        self._originals = {}
+        if place:  # place=False: placed later, together with other lists, by place_block_lists
+            place_block_lists([self], device, memory_limit, reserve=reserve, slots=slots)
+
+    # -- introspection ----------------------------------------------------------------------------
+    @property
+    def streamed_blocks(self) -> List[int]:
+        """Indices of the blocks that live on the host and stream in when called."""
+        return [i for i, w in enumerate(self._weights) if w.host is not None]
+
+    @property
+    def streamer_stats(self) -> dict:
+        """Host-to-device copies issued so far, per device."""
+        return {str(p.device): (p.streamer.loads, p.streamer.loaded_bytes) for p in self._parts if p.streamer}
+
+    # -- list behaviour: slicing must not re-plan ---------------------------------------------------
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return nn.ModuleList(list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
+    def _apply(self, fn, recurse=True):
+        if self._weights and any(p.streamer is not None for p in self._parts):
+            raise RuntimeError("bminf: this TransformerBlockList streams blocks from host memory; move or "
+                               "cast the model before wrapping it, not after")
+        return super()._apply(fn, recurse)
+
+    # -- calling --------------------------------------------------------------------------------------
+    def _wrap(self, w: BlockWeights) -> None:
+        """Install (or remove) the instance-level forward that streams and/or moves inputs."""
+        module, i = w.module, w.index
+        original = self._originals.get(i, module.forward)
+        if w.host is None and w.part.device == self._home:
+            if i in self._originals:
+                module.forward = self._originals.pop(i)
+            return
+        self._originals[i] = original
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return self._call(w, original, args, kwargs)
+        module.forward = forward
+
+    def _call(self, w: BlockWeights, fwd, args, kwargs):
+        dev = w.part.device
+        if dev != self._home:
+            args, kwargs = tree_map_only(torch.Tensor, lambda t: t.to(dev), (args, kwargs))
+        if w.host is None:
+            out = fwd(*args, **kwargs)
+        elif torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad for x in tree_flatten((args, kwargs))[0]):
+            leaves, spec = tree_flatten((args, kwargs))
+            pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+            call = _Call(self, w, fwd, spec, leaves, pos)
+            outs = _Recompute.apply(call, *[leaves[i] for i in pos])
+            out = call.rebuild(outs)
+        else:
+            w.part.streamer.acquire(w)
+            try:
+                out = fwd(*args, **kwargs)
+            finally:
+                self._released(w)
+        if w.index == len(self) - 1 and dev != self._home:
+            out = tree_map_only(torch.Tensor, lambda t: t.to(self._home), out)
+        return out
+
+    def _released(self, w: BlockWeights) -> None:
+        w.part.streamer.release(w)
+        if w.last_in_list:
+            w.part.check_budget()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Run every block: ``x = block(x, *args, **kwargs)``; a tuple output contributes its first item."""
+        if self._home is not None and self._home.type == "cuda":
+            x, args, kwargs = tree_map_only(torch.Tensor, lambda t: t.to(self._home), (x, args, kwargs))
+        for block in self:
+            out = block(x, *args, **kwargs)
+            x = out[0] if isinstance(out, (tuple, list)) else out
+        for part in self._parts:
+            part.check_budget()
+        return x
+
+
+def place_block_lists(lists: Sequence[TransformerBlockList], device: DeviceSpec = None,
+                      memory_limit: Optional[int] = None, *, reserve: Optional[int] = None, slots: int = 2,
+                      priorities: Optional[Sequence[int]] = None) -> None:
+    """Place several block lists under one budget (e.g. an encoder and a decoder).
+
+    Lists of higher ``priority`` stay resident first: give the decoder of an encoder-decoder the
+    higher one, since it runs once per generated token. Non-block weights must already be on the
+    device: what is allocated there now counts against ``memory_limit``.
+
+    >>> enc = TransformerBlockList([nn.Linear(8, 8) for _ in range(3)], place=False)
+    >>> dec = TransformerBlockList([nn.Linear(8, 8) for _ in range(2)], place=False)
+    >>> place_block_lists([enc, dec], "cpu", memory_limit=4 * 512, reserve=0, priorities=[0, 1])
+    >>> enc.streamed_blocks, dec.streamed_blocks
+    ([0, 1, 2], [])
+    """
+    priorities = [0] * len(lists) if priorities is None else list(priorities)
+    devices = _devices(device, memory_limit)
+    weights, prio = [], []
+    seen = {}
+    for lst, p in zip(lists, priorities):
+        if lst._weights:
+            raise ValueError("this TransformerBlockList is already placed")
+        for i, module in enumerate(lst):
+            w = BlockWeights(module, lst, i)
+            for t in w.tensors:
+                if id(t) in seen:
+                    raise ValueError(f"block {i} shares a tensor with block {seen[id(t)]}: shared weights cannot be offloaded")
+                seen[id(t)] = i
+            weights.append(w)
+            prio.append(p)
+        lst._home = devices[0][0]
+    scratch = kernel_scratch(w.module for w in weights)
+    sizes = [w.nbytes for w in weights]
+    if len(devices) == 1:
+        runs = [(0, len(weights))]
+    else:
+        caps = []
+        for dev, limit in devices:
+            if limit is None and dev.type == "cuda":
+                limit = torch.cuda.mem_get_info(dev)[1]
+            caps.append((limit or 0) - (torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0))
+        runs = split_contiguous(sizes, caps)
+    for (dev, limit), (start, stop) in zip(devices, runs):
+        if start == stop:
+            continue
+        part = _DevicePart(dev, weights[start:stop], prio[start:stop], limit, reserve, scratch, slots)
+        for w in part.blocks:
+            w.part = part
+        part.apply(part.plan)
+        for lst in lists:
+            if part not in lst._parts and any(w.owner is lst for w in part.blocks):
+                lst._parts.append(part)
+    for lst in lists:
+        lst._weights = [w for w in weights if w.owner is lst]
+        for w in lst._weights:
+            lst._wrap(w)
+    for part in {id(w.part): w.part for w in weights}.values():
+        if part.plan.slots:
+            _log.info("bminf: %s: %d of %d blocks resident, %d streamed through %d slot(s) of %d B; limit %d B, "
+                      "reserve %d B", part.device, sum(part.plan.resident), len(part.blocks),
+                      len(part.plan.streamed), part.plan.slots, part.plan.slot_bytes, part.limit, part.plan.reserve)
+    if any(w.host is not None for w in weights) and not all(d.type in ("cuda", "cpu") for d, _ in devices):
+        warnings.warn("bminf: streaming is only implemented for CUDA and CPU devices")

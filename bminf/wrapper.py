@@ -1,0 +1,182 @@
+"""``bminf.wrapper``: fit an arbitrary PyTorch model into a GPU memory budget.
+
+It converts in place and returns the model:
+  * ``nn.Linear`` -> ``QuantizedLinear`` (int8 weight, fp16 row scale), and HF's ``Conv1D``
+    (GPT-2; weight stored (in, out)) -> ``QuantizedLinear`` of the transposed weight;
+  * every ``nn.ModuleList`` of blocks of one type -> ``TransformerBlockList``, all lists sharing
+    one budget; lists whose path names a decoder stay resident first (decode runs per token);
+  * every other parameter and buffer -> the device.
+
+What it cannot convert it leaves as it was (resident, unquantized) and reports in one warning
+(or raises, with ``strict=True``), naming each module path: ModuleLists of mixed types or of
+ModuleLists, Linears whose weight is tied to another module, Linear subclasses whose owner reads
+the weight directly (e.g. ``nn.MultiheadAttention.out_proj``), blocks sharing weights.
+"""
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .offload import DeviceSpec, TransformerBlockList, _devices, place_block_lists
+from .quantization import QuantizedLinear, quantize_weight
+
+__all__ = ["wrapper", "WrapperWarning"]
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+class WrapperWarning(UserWarning):
+    """What ``bminf.wrapper`` left unconverted, and why."""
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    # HF's transformers.pytorch_utils.Conv1D, recognised without importing transformers
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None \
+        and m.weight.dim() == 2 and m.weight.shape[1] == m.nf
+
+
+def _quantize_conv1d(m: nn.Module) -> QuantizedLinear:
+    q, scale = quantize_weight(m.weight.detach().t())   # (in, out) -> (out, in)
+    layer = QuantizedLinear.from_quantized(q, scale)
+    layer.bias = m.bias                                  # shared, as from_linear shares it
+    layer.nf, layer.nx = m.nf, m.weight.shape[0]         # what code inspecting a Conv1D reads
+    return layer
+
+
+def _tied(model: nn.Module) -> Dict[int, List[str]]:
+    """id(parameter) -> every path it is registered under."""
+    paths: Dict[int, List[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for pn, p in mod._parameters.items():
+            if p is not None:
+                paths.setdefault(id(p), []).append(f"{name}.{pn}" if name else pn)
+    return {k: v for k, v in paths.items() if len(v) > 1}
+
+
+def _quantize(model: nn.Module, report: List[str]) -> int:
+    tied = _tied(model)
+    done: Dict[int, nn.Module] = {}
+    count = 0
+    for name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent.named_children()):
+            path = f"{name}.{child_name}" if name else child_name
+            if id(child) in done:  # the same module registered twice stays one module
+                setattr(parent, child_name, done[id(child)])
+                continue
+            is_linear, is_conv = type(child) is nn.Linear, _is_conv1d(child)
+            if not (is_linear or is_conv):
+                if isinstance(child, nn.Linear):
+                    report.append(f"{path}: {type(child).__name__} (a Linear subclass) left unquantized: "
+                                  f"its owner may read the weight directly")
+                continue
+            if not child.weight.is_floating_point():
+                continue
+            if id(child.weight) in tied:
+                others = [p for p in tied[id(child.weight)] if p != f"{path}.weight"]
+                report.append(f"{path}: weight tied to {', '.join(others)}; left unquantized")
+                continue
+            new = QuantizedLinear.from_linear(child) if is_linear else _quantize_conv1d(child)
+            setattr(parent, child_name, new)
+            done[id(child)] = new
+            count += 1
+    return count
+
+
+def _find_lists(module: nn.Module, prefix: str, report: List[str]) -> List[Tuple[str, nn.Module, str, nn.ModuleList]]:
+    """(path, parent, attribute, list) for each convertible ModuleList, outermost first."""
+    found = []
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, TransformerBlockList):
+            continue
+        if type(child) is nn.ModuleList and len(child) > 0:
+            kinds = {type(b) for b in child}
+            if any(isinstance(b, _CONTAINERS) for b in child):
+                report.append(f"{path}: ModuleList of containers (nested ModuleList) is not a block list; "
+                              f"left resident")
+            elif len(kinds) > 1:
+                report.append(f"{path}: ModuleList of mixed types ({', '.join(sorted(k.__name__ for k in kinds))}) "
+                              f"is not a block list; left resident")
+            elif sum(p.numel() for p in child.parameters()) > 0:
+                found.append((path, module, name, child))
+                continue  # lists inside its blocks are part of the blocks
+        found.extend(_find_lists(child, path, report))
+    return found
+
+
+def _move_rest(model: nn.Module, device: torch.device, skip: set) -> None:
+    """Move every parameter and buffer outside the block lists, keeping tensor identity (ties)."""
+    def visit(mod: nn.Module):
+        if id(mod) in skip:
+            return
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None and t.device != device:
+                t.data = t.data.to(device)
+        for child in mod.children():
+            visit(child)
+    visit(model)
+
+
+def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Optional[int] = None, *,
+            device: DeviceSpec = None, reserve: Optional[int] = None, slots: int = 2,
+            strict: bool = False) -> nn.Module:
+    """Convert ``model`` in place to run within ``memory_limit`` bytes per device; returns it.
+
+    ``memory_limit`` covers everything allocated on the device (non-block weights, resident blocks,
+    streaming slots, activations and KV cache): ``reserve`` bytes are kept for the last two (see
+    ``bminf.offload_plan.default_reserve`` for the default). ``device`` may list several devices to
+    split the blocks across. Cast the model to its run dtype (e.g. ``.half()``) before wrapping.
+
+    >>> net = nn.Sequential(nn.Linear(8, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]))
+    >>> net = wrapper(net, device="cpu")
+    >>> type(net[0]).__name__, type(net[1]).__name__, len(net[1])
+    ('QuantizedLinear', 'TransformerBlockList', 3)
+    """
+    report: List[str] = []
+    if quantization and _quantize(model, report) == 0:
+        report.append("quantization=True but no nn.Linear (or Conv1D) was found to quantize")
+
+    devices = _devices(device, memory_limit)
+    lists = _find_lists(model, "", report)
+    # blocks must not share tensors with the rest of the model: such lists stay resident
+    outside = {}
+    skip = {id(lst) for _, _, _, lst in lists}
+
+    def collect(mod: nn.Module, path: str):
+        if id(mod) in skip:
+            return
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None:
+                outside[id(t)] = path
+        for n, c in mod.named_children():
+            collect(c, f"{path}.{n}" if path else n)
+    collect(model, "")
+    kept = []
+    for path, parent, name, lst in lists:
+        shared = [outside[id(t)] for t in list(lst.parameters()) + list(lst.buffers()) if id(t) in outside]
+        if shared:
+            report.append(f"{path}: blocks share weights with {shared[0]}; left resident")
+            skip.discard(id(lst))
+        else:
+            kept.append((path, parent, name, lst))
+
+    _move_rest(model, devices[0][0], skip)
+    converted = []
+    for path, parent, name, lst in kept:
+        tbl = TransformerBlockList(list(lst), place=False)
+        setattr(parent, name, tbl)
+        converted.append((path, tbl))
+    if converted:
+        priorities = [1 if "decoder" in path.lower() else 0 for path, _ in converted]
+        try:
+            place_block_lists([t for _, t in converted], device if device is not None else None,
+                              memory_limit, reserve=reserve, slots=slots, priorities=priorities)
+        except ValueError as e:
+            raise ValueError(f"bminf.wrapper: {e}") from None
+    if report:
+        message = "bminf.wrapper left some modules unconverted:\n  " + "\n  ".join(report)
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, WrapperWarning, stacklevel=2)
+    return model
