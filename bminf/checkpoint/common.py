@@ -91,7 +91,7 @@ def resolve_config(arch: str, inferred: dict, path: str, preset: Optional[str] =
     matches = [name for name, kw in presets.items() if all(kw.get(k) == v for k, v in inferred.items())]
     if len(matches) != 1:
         raise CheckpointError(f"{path}: no single preset matches the checkpoint's shapes {inferred}; "
-                              "pass preset= or config=")
+                              "pass preset= (--preset), or config= for other sizes")
     return config_cls(**presets[matches[0]])
 
 
