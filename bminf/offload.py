@@ -76,7 +76,7 @@ class _DevicePart:
             self.plan = plan_residency(sizes, limit, baseline=self.baseline, reserve=reserve, scratch=scratch,
                                        priorities=self.priorities, slots=slots)
         self.streamer: Optional[Streamer] = None
-        self.warned = False
+        self.warned, self.seen_peak = False, 0
 
     def apply(self, plan: Plan) -> None:
         """Move blocks to match ``plan``: streamed ones to host first, so device memory drops before it rises."""
@@ -115,8 +115,10 @@ class _DevicePart:
         if self.device.type != "cuda" or self.limit is None:
             return
         peak = torch.cuda.max_memory_allocated(self.device)
-        if peak <= self.limit:
+        # the peak only grows until someone resets it: act once per new peak, not on every pass
+        if peak <= self.limit or peak == self.seen_peak:
             return
+        self.seen_peak = peak
         reserve = self.plan.reserve + (peak - self.limit) + 16 * MIB
         if not self.warned:
             _log.warning("bminf: peak memory %d B exceeded memory_limit %d B on %s; reserving %d B for "

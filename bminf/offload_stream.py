@@ -99,6 +99,9 @@ class Streamer:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slots = [Slot(i, slot_bytes, device) for i in range(n_slots)]
+        if self.cuda:
+            for s in self.slots:  # when freed, wait for copies still queued on the copy stream
+                s.buf.record_stream(self.stream)
         self.successor: Dict[int, BlockWeights] = {}
         self.last: Optional[BlockWeights] = None
         self.loads = 0          # number of block copies issued

@@ -4,7 +4,8 @@ It converts in place and returns the model:
   * ``nn.Linear`` -> ``QuantizedLinear`` (int8 weight, fp16 row scale), and HF's ``Conv1D``
     (GPT-2; weight stored (in, out)) -> ``QuantizedLinear`` of the transposed weight;
   * every ``nn.ModuleList`` of blocks of one type -> ``TransformerBlockList``, all lists sharing
-    one budget; lists whose path names a decoder stay resident first (decode runs per token);
+    one budget; lists whose path names a decoder (a part starting with "dec": ``decoder.block``,
+    ``dec_layers``) stay resident first, since decode runs once per token;
   * every other parameter and buffer -> the device.
 
 What it cannot convert it leaves as it was (resident, unquantized) and reports in one warning
@@ -12,6 +13,7 @@ What it cannot convert it leaves as it was (resident, unquantized) and reports i
 ModuleLists, Linears whose weight is tied to another module, Linear subclasses whose owner reads
 the weight directly (e.g. ``nn.MultiheadAttention.out_proj``), blocks sharing weights.
 """
+import re
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -105,6 +107,11 @@ def _find_lists(module: nn.Module, prefix: str, report: List[str]) -> List[Tuple
     return found
 
 
+def _is_decoder(path: str) -> bool:
+    """``decoder.block``, ``model.decoder.layers``, ``dec_layers``: a name part starting with "dec"."""
+    return any(part.lower().startswith("dec") for part in re.split(r"[._]", path))
+
+
 def _move_rest(model: nn.Module, device: torch.device, skip: set) -> None:
     """Move every parameter and buffer outside the block lists, keeping tensor identity (ties)."""
     def visit(mod: nn.Module):
@@ -168,7 +175,7 @@ def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Optional[
         setattr(parent, name, tbl)
         converted.append((path, tbl))
     if converted:
-        priorities = [1 if "decoder" in path.lower() else 0 for path, _ in converted]
+        priorities = [1 if _is_decoder(path) else 0 for path, _ in converted]
         try:
             place_block_lists([t for _, t in converted], device if device is not None else None,
                               memory_limit, reserve=reserve, slots=slots, priorities=priorities)

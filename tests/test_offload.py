@@ -231,6 +231,28 @@ def test_split_across_two_devices():
         assert torch.equal(layers(x, bias), run_loop(ref, x, bias))
 
 
+def test_our_t5_backbone_streams_exactly_with_its_kv_cache():
+    from bminf import wrapper
+    from bminf.models.t5 import T5, T5Config
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, n_heads=2, d_head=16, n_encoder_layers=4, n_decoder_layers=4)
+    ref = T5(cfg).eval()
+    dec_block = BlockWeights(ref.dec_layers[0]).nbytes
+    model = wrapper(copy.deepcopy(ref), quantization=False, device="cpu", memory_limit=4 * dec_block, reserve=0)
+    assert len(model.dec_layers.streamed_blocks) == 2 and len(model.enc_layers.streamed_blocks) == 4
+    ids, mask = torch.randint(0, 64, (2, 7)), torch.ones(2, 7, dtype=torch.bool)
+    with torch.no_grad():
+        outs = []
+        for m in (ref, model):
+            enc = m.encode(ids, mask)
+            cache, tok, steps = m.new_cache(mask, max_length=5), torch.zeros(2, 1, dtype=torch.long), []
+            for _ in range(5):
+                steps.append(m.decode(tok, enc, cache=cache))
+                tok = steps[-1][:, -1:].argmax(-1)
+            outs.append(torch.cat(steps, 1))
+    assert torch.equal(outs[0], outs[1])
+
+
 # -- the cpm_kernels bridge's self-check, with stand-in kernels --------------------------------------
 def _w8a8(x, weight, scale):
     """A CPU emulation of a W8A8 kernel: per-row int8 activations, then the int8 GEMM."""

@@ -1,0 +1,253 @@
+"""Decode a CPM-2-shaped model inside a GPU memory budget: bminf's layer streaming vs accelerate.
+
+    python benchmark/offload.py --memory-limit-gib 6 --out offload.json
+
+Builds our T5 backbone at the CPM-2 shape (24 + 24 blocks, d_model 4096, d_ff 10240, 64 heads x 64;
+int8 weights, ~11 GB) with random weights (no checkpoint), then times, on one GPU:
+  1. a plain pinned host-to-device copy (the ceiling for streaming);
+  2. the model fully resident (no budget): the compute time of a decode step;
+  3. the model under ``--memory-limit-gib`` through ``bminf.wrapper``: tokens/s, bytes streamed per
+     token, the streaming rate achieved while decoding and its share of the pinned H2D rate;
+  4. the same model in fp16, as users run it, under the same budget through accelerate's
+     ``dispatch_model`` with CPU offload (a few tokens: it is slow).
+Tokens/s count decode steps only (batch 1, after an untimed warm-up that also projects the
+cross-attention keys/values), LM head included, as BMInf's decoder benchmark did. Results go to
+stdout and, as JSON, to ``--out``.
+"""
+import argparse
+import gc
+import json
+import math
+import platform
+import time
+
+import torch
+import torch.nn as nn
+
+from bminf import wrapper
+from bminf.models.t5 import T5, T5_PRESETS, T5Config
+from bminf.quantization import quantize_
+
+GIB = 1 << 30
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def h2d_bandwidth(device, nbytes=GIB, reps=5):
+    """Best-of-``reps`` GB/s of one large pinned host -> device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    best = 0.0
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(device)
+        best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def materialize_(model: nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
+    """Give a model built on the meta device random weights in host memory (generated on ``device``:
+    a CPU fills 11 GB of random bytes far slower than a GPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    cfg = model.config
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if p.dtype == torch.int8:
+                data = torch.randint(-127, 128, p.shape, dtype=torch.int8, device=device, generator=g)
+            elif name == "scale":  # int8 uniform has std ~73: rows then have std ~1/sqrt(d_in)
+                data = torch.full(p.shape, 1 / (73 * math.sqrt(mod.in_features)), dtype=torch.float16, device=device)
+            elif p.dim() == 1:
+                data = torch.ones(p.shape, dtype=dtype, device=device)  # norm gains
+            else:
+                std = 0.1 if p.shape[0] == cfg.n_heads else (1 / math.sqrt(p.shape[1]) if isinstance(mod, nn.Linear) else 0.5)
+                data = (torch.randn(p.shape, device=device, generator=g) * std).to(dtype)
+            mod._parameters[name] = nn.Parameter(data.cpu(), requires_grad=False)
+    return model.eval()
+
+
+def build(cfg: T5Config, int8: bool, device: torch.device) -> T5:
+    with torch.device("meta"):
+        model = T5(cfg)
+    if int8:
+        quantize_(model)
+    return materialize_(model, torch.float16, device)
+
+
+def decode(model, device, encode_length: int, steps: int, warmup: int = 2, counter=None):
+    """Encode once, then greedy-decode; returns timings of the timed steps (and, given a
+    ``counter`` of bytes copied so far, the bytes copied during them)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, encode_length), device=device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        sync(device)
+        t = time.perf_counter()
+        enc = model.encode(ids, mask)
+        sync(device)
+        encode_s = time.perf_counter() - t
+        cache = model.new_cache(mask, max_length=warmup + steps + 1)
+        tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+        for _ in range(warmup):
+            tok = model.decode(tok, enc, cache=cache)[:, -1:].argmax(-1)
+        sync(device)
+        copied = counter() if counter else 0
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = model.decode(tok, enc, cache=cache)[:, -1:].argmax(-1)
+        sync(device)
+        dt = time.perf_counter() - t
+        copied = (counter() if counter else 0) - copied
+    return {"encode_s": encode_s, "encode_tokens_per_s": encode_length / encode_s, "decode_steps": steps,
+            "decode_s": dt, "tokens_per_s": steps / dt, "ms_per_token": 1e3 * dt / steps, "copied_bytes_timed": copied}
+
+
+def parts(model):
+    return list({id(p): p for lst in (model.enc_layers, model.dec_layers) for p in lst._parts}.values())
+
+
+def unwrap_(model):
+    """Give a fully resident wrapped model back its plain lists, on the host."""
+    model.enc_layers = nn.ModuleList(list(model.enc_layers))
+    model.dec_layers = nn.ModuleList(list(model.dec_layers))
+    return model.cpu()
+
+
+def run_bminf(model, device, limit, reserve, args):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    model = wrapper(model, quantization=False, device=device, memory_limit=limit, reserve=reserve)
+    place_s = time.perf_counter() - t
+    res = decode(model, device, args.encode_length, args.steps,
+                 counter=lambda: sum(p.streamer.loaded_bytes for p in parts(model) if p.streamer))
+    res.update(place_s=place_s, peak_allocated=torch.cuda.max_memory_allocated(device),
+               resident_blocks={"encoder": len(model.enc_layers) - len(model.enc_layers.streamed_blocks),
+                                "decoder": len(model.dec_layers) - len(model.dec_layers.streamed_blocks)},
+               reserve=[p.plan.reserve for p in parts(model)], slot_bytes=[p.plan.slot_bytes for p in parts(model)])
+    # measured: bytes the copy stream moved during the timed decode steps, over their wall time
+    res.update(streamed_bytes_per_token=res["copied_bytes_timed"] / args.steps,
+               streaming_gb_per_s=res["copied_bytes_timed"] / res["decode_s"] / 1e9)
+    return model, res
+
+
+def run_accelerate(cfg, device, limit, reserve, args):
+    from accelerate import dispatch_model
+    model = build(cfg, int8=False, device=device)
+    # embeddings, norms and bias tables on the GPU (the LM head reads output_embedding.weight
+    # directly, which an offload hook would never load); then blocks in module order while they
+    # fit max_memory minus the same activation reserve, as infer_auto_device_map fills a device
+    device_map, used = {}, 0
+    for name, mod in model.named_children():
+        if not isinstance(mod, nn.ModuleList):
+            device_map[name] = device.index
+            used += sum(p.numel() * p.element_size() for p in mod.parameters())
+    for name in ("enc_layers", "dec_layers"):
+        for i, block in enumerate(getattr(model, name)):
+            size = sum(p.numel() * p.element_size() for p in block.parameters())
+            on_gpu = used + size <= limit - reserve
+            device_map[f"{name}.{i}"] = device.index if on_gpu else "cpu"
+            used += size if on_gpu else 0
+    gpu_blocks = sum(1 for k, v in device_map.items() if "layers" in k and v != "cpu")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    model = dispatch_model(model, device_map=device_map)
+    res = decode(model, device, args.encode_length, args.accelerate_steps, warmup=1)
+    res.update(gpu_blocks=gpu_blocks, peak_allocated=torch.cuda.max_memory_allocated(device),
+               dtype="float16", device_map="embeddings/norms on GPU; blocks in order on GPU up to the budget; rest CPU")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpm2", choices=sorted(T5_PRESETS))
+    ap.add_argument("--layers", type=int, default=None, help="override encoder and decoder depth (smoke tests)")
+    ap.add_argument("--memory-limit-gib", type=float, default=6.0)
+    ap.add_argument("--reserve-mib", type=float, default=None, help="activation/KV reserve (default: bminf's policy)")
+    ap.add_argument("--encode-length", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--accelerate-steps", type=int, default=3)
+    ap.add_argument("--skip-resident", action="store_true")
+    ap.add_argument("--skip-accelerate", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    cfg_kw = dict(T5_PRESETS[args.preset])
+    if args.layers:
+        cfg_kw.update(n_encoder_layers=args.layers, n_decoder_layers=args.layers)
+    cfg = T5Config(**cfg_kw)
+    limit = int(args.memory_limit_gib * GIB)
+    reserve = None if args.reserve_mib is None else int(args.reserve_mib * (1 << 20))
+    out = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+           "settings": {"preset": args.preset, "config": cfg_kw, "memory_limit": limit, "reserve": reserve,
+                        "encode_length": args.encode_length, "steps": args.steps, "batch": 1}}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=2)
+
+    out["h2d_pinned_gb_per_s"] = h2d_bandwidth(device)
+    print(f"device: {out['device']}  torch {torch.__version__}")
+    print(f"pinned H2D: {out['h2d_pinned_gb_per_s']:.1f} GB/s")
+    save()
+
+    t = time.perf_counter()
+    model = build(cfg, int8=True, device=device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    out["weights_bytes"] = weights
+    print(f"built {args.preset} (int8 blocks): {weights / 1e9:.2f} GB of weights in {time.perf_counter() - t:.1f} s")
+
+    if not args.skip_resident:
+        model = wrapper(model, quantization=False, device=device)
+        out["resident"] = decode(model, device, args.encode_length, args.steps)
+        print(f"resident (no budget): {out['resident']['tokens_per_s']:.1f} tokens/s, "
+              f"encode {out['resident']['encode_tokens_per_s']:.0f} tokens/s")
+        model = unwrap_(model)
+        gc.collect()
+        save()
+
+    model, res = run_bminf(model, device, limit, reserve, args)
+    h2d = out["h2d_pinned_gb_per_s"]
+    res["streaming_share_of_h2d"] = res["streaming_gb_per_s"] / h2d
+    res["copy_only_ms_per_token"] = 1e3 * res["streamed_bytes_per_token"] / (h2d * 1e9)
+    out["bminf"] = res
+    print(f"bminf under {args.memory_limit_gib:g} GiB: resident blocks {res['resident_blocks']}, "
+          f"peak {res['peak_allocated'] / GIB:.2f} GiB (limit {limit / GIB:.2f})")
+    print(f"  decode {res['tokens_per_s']:.1f} tokens/s ({res['ms_per_token']:.1f} ms/token), "
+          f"streaming {res['streamed_bytes_per_token'] / 1e9:.2f} GB/token at {res['streaming_gb_per_s']:.1f} GB/s "
+          f"= {100 * res['streaming_share_of_h2d']:.0f}% of pinned H2D "
+          f"(copy alone {res['copy_only_ms_per_token']:.1f} ms/token"
+          + (f", resident compute {out['resident']['ms_per_token']:.1f} ms/token)" if "resident" in out else ")"))
+    print(f"  encode {res['encode_tokens_per_s']:.0f} tokens/s")
+    save()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    if not args.skip_accelerate:
+        try:
+            import accelerate
+            out["accelerate"] = run_accelerate(cfg, device, limit, reserve if reserve is not None else res["reserve"][0], args)
+            out["accelerate"]["version"] = accelerate.__version__
+            out["speedup_vs_accelerate"] = res["tokens_per_s"] / out["accelerate"]["tokens_per_s"]
+            a = out["accelerate"]
+            print(f"accelerate {accelerate.__version__} dispatch_model (fp16, CPU offload, {a['gpu_blocks']} blocks on GPU): "
+                  f"{a['tokens_per_s']:.2f} tokens/s, peak {a['peak_allocated'] / GIB:.2f} GiB")
+            print(f"bminf / accelerate: {out['speedup_vs_accelerate']:.1f}x")
+        except Exception as e:  # keep bminf's figures even if the baseline breaks
+            out["accelerate_error"] = f"{type(e).__name__}: {e}"
+            print(f"accelerate failed: {out['accelerate_error']}")
+        save()
+
+
+if __name__ == "__main__":
+    main()
