@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 
 from bminf import wrapper
+from bminf.kernels import int8_linear
 from bminf.models.t5 import T5, T5_PRESETS, T5Config
+from bminf.offload_stream import Streamer
 from bminf.quantization import quantize_
 
 GIB = 1 << 30
@@ -49,6 +51,55 @@ def h2d_bandwidth(device, nbytes=GIB, reps=5):
         sync(device)
         best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def warm_up(device, seconds=1.0):
+    """Bring the GPU to its working clocks before timing anything."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ a
+        sync(device)
+
+
+def time_us(fn, reps=200):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - t) / reps
+
+
+def kernel_figures(device, cfg):
+    """One-token linears at the FFN shape: the int8 path the blocks use, and fp16 for reference."""
+    w = torch.randint(-127, 128, (cfg.d_ff, cfg.d_model), dtype=torch.int8, device=device)
+    s = torch.full((cfg.d_ff,), 1e-3, dtype=torch.float16, device=device)
+    x = torch.randn(1, 1, cfg.d_model, dtype=torch.float16, device=device)
+    wf = w.half()
+    return {"int8_linear_us": time_us(lambda: int8_linear(x, w, s)),
+            "fp16_linear_us": time_us(lambda: torch.nn.functional.linear(x, wf)),
+            "shape": [cfg.d_ff, cfg.d_model]}
+
+
+class no_copies:
+    """Diagnostic: the streamer keeps its bookkeeping and events but skips the host->device copy,
+    so a decode measures the compute (and host) time of the same placement without any streaming."""
+
+    def __enter__(self):
+        self.load = Streamer._load
+
+        def load(streamer, block, slot):
+            if slot.block is not None:
+                streamer.where.pop(id(slot.block), None)
+            slot.block, streamer.where[id(block)] = block, slot
+            if streamer.cuda:
+                slot.ready.record(torch.cuda.current_stream(streamer.device))
+        Streamer._load = load
+
+    def __exit__(self, *exc):
+        Streamer._load = self.load
 
 
 def materialize_(model: nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
@@ -102,11 +153,13 @@ def decode(model, device, encode_length: int, steps: int, warmup: int = 2, count
         t = time.perf_counter()
         for _ in range(steps):
             tok = model.decode(tok, enc, cache=cache)[:, -1:].argmax(-1)
+        host = time.perf_counter() - t  # when the host had queued every step
         sync(device)
         dt = time.perf_counter() - t
         copied = (counter() if counter else 0) - copied
     return {"encode_s": encode_s, "encode_tokens_per_s": encode_length / encode_s, "decode_steps": steps,
-            "decode_s": dt, "tokens_per_s": steps / dt, "ms_per_token": 1e3 * dt / steps, "copied_bytes_timed": copied}
+            "decode_s": dt, "tokens_per_s": steps / dt, "ms_per_token": 1e3 * dt / steps,
+            "host_ms_per_token": 1e3 * host / steps, "copied_bytes_timed": copied}
 
 
 def parts(model):
@@ -114,9 +167,13 @@ def parts(model):
 
 
 def unwrap_(model):
-    """Give a fully resident wrapped model back its plain lists, on the host."""
-    model.enc_layers = nn.ModuleList(list(model.enc_layers))
-    model.dec_layers = nn.ModuleList(list(model.dec_layers))
+    """Give a wrapped model back its plain lists and move it to the host (benchmark use only)."""
+    for name in ("enc_layers", "dec_layers"):
+        blocks = list(getattr(model, name))
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+        setattr(model, name, nn.ModuleList(blocks))
+    gc.collect()
     return model.cpu()
 
 
@@ -128,6 +185,8 @@ def run_bminf(model, device, limit, reserve, args):
     place_s = time.perf_counter() - t
     res = decode(model, device, args.encode_length, args.steps,
                  counter=lambda: sum(p.streamer.loaded_bytes for p in parts(model) if p.streamer))
+    with no_copies():
+        res["no_copy_ms_per_token"] = decode(model, device, args.encode_length, args.steps)["ms_per_token"]
     res.update(place_s=place_s, peak_allocated=torch.cuda.max_memory_allocated(device),
                resident_blocks={"encoder": len(model.enc_layers) - len(model.enc_layers.streamed_blocks),
                                 "decoder": len(model.dec_layers) - len(model.dec_layers.streamed_blocks)},
@@ -170,6 +229,8 @@ def main():
     ap.add_argument("--preset", default="cpm2", choices=sorted(T5_PRESETS))
     ap.add_argument("--layers", type=int, default=None, help="override encoder and decoder depth (smoke tests)")
     ap.add_argument("--memory-limit-gib", type=float, default=6.0)
+    ap.add_argument("--extra-limits-gib", type=float, nargs="*", default=[],
+                    help="further budgets to run bminf under (no accelerate comparison)")
     ap.add_argument("--reserve-mib", type=float, default=None, help="activation/KV reserve (default: bminf's policy)")
     ap.add_argument("--encode-length", type=int, default=256)
     ap.add_argument("--steps", type=int, default=64)
@@ -198,6 +259,10 @@ def main():
     out["h2d_pinned_gb_per_s"] = h2d_bandwidth(device)
     print(f"device: {out['device']}  torch {torch.__version__}")
     print(f"pinned H2D: {out['h2d_pinned_gb_per_s']:.1f} GB/s")
+    warm_up(device)
+    out["kernels"] = kernel_figures(device, cfg)
+    print(f"one-token linear {out['kernels']['shape']}: int8 path {out['kernels']['int8_linear_us']:.0f} us, "
+          f"fp16 {out['kernels']['fp16_linear_us']:.0f} us")
     save()
 
     t = time.perf_counter()
@@ -209,26 +274,40 @@ def main():
     if not args.skip_resident:
         model = wrapper(model, quantization=False, device=device)
         out["resident"] = decode(model, device, args.encode_length, args.steps)
-        print(f"resident (no budget): {out['resident']['tokens_per_s']:.1f} tokens/s, "
+        print(f"resident (no budget): {out['resident']['tokens_per_s']:.1f} tokens/s "
+              f"(host {out['resident']['host_ms_per_token']:.1f} ms/token), "
               f"encode {out['resident']['encode_tokens_per_s']:.0f} tokens/s")
         model = unwrap_(model)
         gc.collect()
         save()
 
-    model, res = run_bminf(model, device, limit, reserve, args)
     h2d = out["h2d_pinned_gb_per_s"]
-    res["streaming_share_of_h2d"] = res["streaming_gb_per_s"] / h2d
-    res["copy_only_ms_per_token"] = 1e3 * res["streamed_bytes_per_token"] / (h2d * 1e9)
-    out["bminf"] = res
-    print(f"bminf under {args.memory_limit_gib:g} GiB: resident blocks {res['resident_blocks']}, "
-          f"peak {res['peak_allocated'] / GIB:.2f} GiB (limit {limit / GIB:.2f})")
-    print(f"  decode {res['tokens_per_s']:.1f} tokens/s ({res['ms_per_token']:.1f} ms/token), "
-          f"streaming {res['streamed_bytes_per_token'] / 1e9:.2f} GB/token at {res['streaming_gb_per_s']:.1f} GB/s "
-          f"= {100 * res['streaming_share_of_h2d']:.0f}% of pinned H2D "
-          f"(copy alone {res['copy_only_ms_per_token']:.1f} ms/token"
-          + (f", resident compute {out['resident']['ms_per_token']:.1f} ms/token)" if "resident" in out else ")"))
-    print(f"  encode {res['encode_tokens_per_s']:.0f} tokens/s")
-    save()
+    for gib in [args.memory_limit_gib] + list(args.extra_limits_gib):
+        model, res = run_bminf(model, device, int(gib * GIB), reserve, args)
+        res["streaming_share_of_h2d"] = res["streaming_gb_per_s"] / h2d
+        res["copy_only_ms_per_token"] = 1e3 * res["streamed_bytes_per_token"] / (h2d * 1e9)
+        out["bminf" if gib == args.memory_limit_gib else f"bminf_{gib:g}gib"] = res
+        print(f"bminf under {gib:g} GiB: resident blocks {res['resident_blocks']}, "
+              f"peak {res['peak_allocated'] / GIB:.2f} GiB (limit {gib:.2f})")
+        print(f"  decode {res['tokens_per_s']:.1f} tokens/s ({res['ms_per_token']:.1f} ms/token, host "
+              f"{res['host_ms_per_token']:.1f}), streaming {res['streamed_bytes_per_token'] / 1e9:.2f} GB/token at "
+              f"{res['streaming_gb_per_s']:.1f} GB/s = {100 * res['streaming_share_of_h2d']:.0f}% of pinned H2D; "
+              f"copy alone {res['copy_only_ms_per_token']:.1f} ms/token, same placement without copies "
+              f"{res['no_copy_ms_per_token']:.1f} ms/token")
+        print(f"  encode {res['encode_tokens_per_s']:.0f} tokens/s")
+        if gib == args.memory_limit_gib:
+            main_res = res
+        model = unwrap_(model)
+        torch.cuda.empty_cache()
+        save()
+    res = main_res
+    if not args.skip_resident:  # again, after everything else: the first figure may be a cold one
+        model = wrapper(model, quantization=False, device=device)
+        out["resident_again"] = decode(model, device, args.encode_length, args.steps)
+        print(f"resident again: {out['resident_again']['tokens_per_s']:.1f} tokens/s "
+              f"(host {out['resident_again']['host_ms_per_token']:.1f} ms/token)")
+        model = unwrap_(model)
+        save()
     del model
     gc.collect()
     torch.cuda.empty_cache()

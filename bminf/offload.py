@@ -13,8 +13,10 @@ Weights of blocks in a list that streams are frozen; gradients reach the inputs 
 prompt embeddings) through a per-block recompute in backward, with the weights streamed again.
 """
 import functools
+import inspect
 import logging
 import warnings
+import weakref
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -94,7 +96,7 @@ class _DevicePart:
                 torch.cuda.synchronize(self.device)  # queued copies may still target the old slots
             self.streamer = Streamer(self.device, plan.slots, plan.slot_bytes)
             for b in streamed:
-                b.slot, b.slot_views = None, {}
+                b.slot_views = {}
         for b, r in zip(self.blocks, plan.resident):
             if r:
                 b.host, b.host_views, b.slot_views = None, [], {}
@@ -164,8 +166,9 @@ class _Recompute(torch.autograd.Function):
 class _Call:
     """The pieces of one call of a streamed block that autograd needs to replay it."""
 
-    def __init__(self, lst, block, fwd, spec, leaves, positions):
-        self.lst, self.block, self.fwd = lst, block, fwd
+    def __init__(self, lst, block, spec, leaves, positions):
+        self.lst, self.block = lst, block
+        self.fwd = functools.partial(type(block.module).forward, block.module)
         self.spec, self.leaves, self.positions = spec, leaves, positions
         self.out_spec = self.out_leaves = self.out_positions = None
         dev = block.part.device
@@ -244,7 +247,7 @@ class TransformerBlockList(nn.ModuleList):
         self._weights: List[BlockWeights] = []
         self._parts: List[_DevicePart] = []
         self._home: Optional[torch.device] = None
-        self._originals = {}
+        self._wrapped = set()  # indices of blocks whose forward is wrapped
         if place:  # place=False: placed later, together with other lists, by place_block_lists
             place_block_lists([self], device, memory_limit, reserve=reserve, slots=slots)
 
@@ -273,21 +276,33 @@ class TransformerBlockList(nn.ModuleList):
 
     # -- calling --------------------------------------------------------------------------------------
     def _wrap(self, w: BlockWeights) -> None:
-        """Install (or remove) the instance-level forward that streams and/or moves inputs."""
+        """Install (or remove) the instance-level forward that streams and/or moves inputs.
+
+        The wrapper reaches the list by weak reference and calls the class's forward, so a block
+        holds no reference back to anything: dropping the model frees its memory at once."""
         module, i = w.module, w.index
-        original = self._originals.get(i, module.forward)
         if w.host is None and w.part.device == self._home:
-            if i in self._originals:
-                module.forward = self._originals.pop(i)
+            if i in self._wrapped:
+                del module.__dict__["forward"]
+                self._wrapped.discard(i)
             return
-        self._originals[i] = original
+        if i in self._wrapped:
+            return
+        if "forward" in module.__dict__:
+            raise ValueError(f"block {i} already has an instance-level forward (another library's hook?); "
+                             f"offload it before adding such hooks")
+        signature, lst_ref = inspect.signature(module.forward), weakref.ref(self)
 
-        @functools.wraps(original)
+        @functools.wraps(type(module).forward)
         def forward(*args, **kwargs):
-            return self._call(w, original, args, kwargs)
+            lst = lst_ref()
+            return lst._call(lst._weights[i], args, kwargs)
+        forward.__signature__ = signature
         module.forward = forward
+        self._wrapped.add(i)
 
-    def _call(self, w: BlockWeights, fwd, args, kwargs):
+    def _call(self, w: BlockWeights, args, kwargs):
+        fwd = functools.partial(type(w.module).forward, w.module)
         dev = w.part.device
         if dev != self._home:
             args, kwargs = tree_map_only(torch.Tensor, lambda t: t.to(dev), (args, kwargs))
@@ -297,7 +312,7 @@ class TransformerBlockList(nn.ModuleList):
                 isinstance(x, torch.Tensor) and x.requires_grad for x in tree_flatten((args, kwargs))[0]):
             leaves, spec = tree_flatten((args, kwargs))
             pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-            call = _Call(self, w, fwd, spec, leaves, pos)
+            call = _Call(self, w, spec, leaves, pos)
             outs = _Recompute.apply(call, *[leaves[i] for i in pos])
             out = call.rebuild(outs)
         else:

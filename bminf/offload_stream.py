@@ -10,6 +10,7 @@ on ``ready`` before the block runs and records ``free`` after. Slots and host bu
 as the engine, so the caching allocator never recycles memory a queued copy still touches.
 """
 import itertools
+import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -32,12 +33,31 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _weak(name: str) -> property:
+    """An attribute held by weak reference. Links that point back up or sideways (to the list, the
+    device part, neighbouring blocks) are weak, so a dropped model frees its device memory and pinned
+    buffers at once, by reference counting, instead of waiting for the cycle collector."""
+    key = "_" + name
+
+    def get(self):
+        ref = getattr(self, key, None)
+        return ref() if ref is not None else None
+
+    def set(self, value):
+        setattr(self, key, weakref.ref(value) if value is not None else None)
+    return property(get, set)
+
+
 class BlockWeights:
     """One block's tensors and their layout in a flat byte buffer."""
 
+    owner = _weak("owner")  # the TransformerBlockList
+    part = _weak("part")    # the per-device placement
+    next = _weak("next")    # default prefetch order: the next streamed block of the list, cyclic
+    prev = _weak("prev")
+
     def __init__(self, module: nn.Module, owner=None, index: int = 0):
         self.module, self.owner, self.index = module, owner, index
-        self.part = None  # the per-device placement this block belongs to
         self.tensors = block_tensors(module)
         self.layout, offset = [], 0
         for t in self.tensors:
@@ -46,10 +66,7 @@ class BlockWeights:
         self.nbytes = offset
         self.host: Optional[torch.Tensor] = None    # flat uint8 host buffer while streamed
         self.host_views: List[torch.Tensor] = []
-        self.slot: Optional["Slot"] = None
         self.slot_views: Dict[int, List[torch.Tensor]] = {}
-        self.next: Optional["BlockWeights"] = None  # default prefetch order (cyclic within its list)
-        self.prev: Optional["BlockWeights"] = None
         self.last_in_list = False
 
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -102,6 +119,7 @@ class Streamer:
         if self.cuda:
             for s in self.slots:  # when freed, wait for copies still queued on the copy stream
                 s.buf.record_stream(self.stream)
+        self.where: Dict[int, Slot] = {}  # id(block) -> the slot holding it (or copying into it)
         self.successor: Dict[int, BlockWeights] = {}
         self.last: Optional[BlockWeights] = None
         self.loads = 0          # number of block copies issued
@@ -110,8 +128,8 @@ class Streamer:
     # -- copies ---------------------------------------------------------------------------------
     def _load(self, block: BlockWeights, slot: Slot) -> None:
         if slot.block is not None:
-            slot.block.slot = None
-        slot.block, block.slot = block, slot
+            self.where.pop(id(slot.block), None)
+        slot.block, self.where[id(block)] = block, slot
         self.loads += 1
         slot.stamp = self.loads
         self.loaded_bytes += block.nbytes
@@ -134,7 +152,7 @@ class Streamer:
         """Make sure the blocks of ``chain`` (in the order they will run) are in, or on their way
         into, a slot; evict only blocks that are neither running nor in the chain."""
         for b in chain:
-            if b.slot is not None:
+            if id(b) in self.where:
                 continue
             free = [s for s in self.slots if not s.busy and (s.block is None or s.block not in chain)]
             if not free:
@@ -155,12 +173,12 @@ class Streamer:
             if self.last is not None and self.last is not block:
                 self.successor[id(self.last)] = block
             self.last = block
-        if block.slot is None:
+        if id(block) not in self.where:
             idle = [s for s in self.slots if not s.busy]
             if not idle:
                 raise RuntimeError("bminf: every offload slot is in use (a streamed block called re-entrantly?)")
             self._load(block, min(idle, key=lambda s: (s.block is not None, s.stamp)))
-        slot = block.slot
+        slot = self.where[id(block)]
         slot.busy = True
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
@@ -171,7 +189,7 @@ class Streamer:
         self._prefetch(self._chain(block, reverse))
 
     def release(self, block: BlockWeights, reverse: bool = False) -> None:
-        slot = block.slot
+        slot = self.where[id(block)]
         block.bind(block.host_views)
         slot.busy = False
         if self.cuda:
@@ -181,9 +199,9 @@ class Streamer:
 
     def forget(self, block: BlockWeights) -> None:
         """Drop ``block`` from its slot (it is becoming resident or being re-planned)."""
-        if block.slot is not None:
-            block.slot.block = None
-            block.slot = None
+        slot = self.where.pop(id(block), None)
+        if slot is not None:
+            slot.block = None
         self.successor.pop(id(block), None)
         if self.last is block:
             self.last = None

@@ -1,7 +1,9 @@
 """TransformerBlockList on the CPU: the placement policy, and the streaming engine run with CPU
 "slots" (synchronous copies), which exercises the same slot / prefetch / recompute logic as CUDA."""
 import copy
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -200,6 +202,23 @@ def test_shared_budget_prefers_the_decoder_and_learns_the_call_order():
             h = run_loop(dec, h, bias)
     # steady state: 4 encoder + 4 x 2 decoder loads, plus one miss where the next prompt starts
     assert enc.streamer_stats["cpu"][0] - loads <= 4 + 8 + 1
+
+
+def test_dropping_a_streamed_list_frees_it_at_once():
+    """No reference cycles: slots and pinned buffers go when the model goes, not at the next
+    run of the cycle collector (BMInf 2.0 users saw GPU memory grow across requests)."""
+    gc.collect()
+    gc.disable()
+    try:
+        layers = TransformerBlockList(list(make()), "cpu", memory_limit=4 * block_bytes(), reserve=0)
+        with torch.no_grad():
+            run_loop(layers, torch.randn(1, 3, 16), torch.randn(16), passes=2)
+        refs = [weakref.ref(layers), weakref.ref(layers._parts[0].streamer.slots[0].buf),
+                weakref.ref(layers._weights[layers.streamed_blocks[0]].host), weakref.ref(layers[0])]
+        del layers
+        assert [r() for r in refs] == [None] * 4
+    finally:
+        gc.enable()
 
 
 def test_shared_weights_cannot_stream():
