@@ -9,8 +9,19 @@ use, so copying overlaps compute (``offload_stream``). When everything fits it i
 Blocks are called as usual, by ``forward(x, *args)`` or by the model's own loop
 (``for block in self.layers: x = block(x, ...)``, indexing, slicing): a streamed block's
 ``forward`` is wrapped at instance level, so its module, names and state_dict are unchanged.
-Weights of blocks in a list that streams are frozen; gradients reach the inputs (hidden states,
-prompt embeddings) through a per-block recompute in backward, with the weights streamed again.
+Weights of streamed blocks are frozen; gradients reach the inputs (hidden states, prompt
+embeddings) through a per-block recompute in backward, with the weights streamed again.
+
+Budget policy: ``memory_limit`` caps everything allocated on the device, counted from what is
+there when the blocks are placed (so place non-block weights first; ``bminf.wrapper`` does).
+``reserve`` is kept free for activations, KV cache and kernel scratch; after every pass in which
+blocks stream (and after ``forward``) the device's peak is checked, and a new peak over the limit
+grows the reserve by the excess and moves resident blocks to the host, so later passes fit.
+
+Limits: a block that mutates run state it is given (an HF ``DynamicCache``) repeats the mutation
+when recomputed in backward: backpropagate with ``use_cache=False`` (our backbones' caches write
+the same positions again and are safe). A list whose blocks are all resident has no wrappers, so
+only its ``forward`` checks the peak. Do not ``deepcopy`` or ``.to()`` a model after wrapping.
 """
 import functools
 import inspect

@@ -272,6 +272,29 @@ def test_our_t5_backbone_streams_exactly_with_its_kv_cache():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_our_t5_backbone_input_gradients_through_streamed_blocks():
+    from bminf import wrapper
+    from bminf.models.t5 import T5, T5Config
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, n_heads=2, d_head=16, n_encoder_layers=4, n_decoder_layers=4)
+    ref = T5(cfg).eval()
+    dec_block = BlockWeights(ref.dec_layers[0]).nbytes
+    model = wrapper(copy.deepcopy(ref), quantization=False, device="cpu", memory_limit=4 * dec_block, reserve=0)
+    assert model.enc_layers.streamed_blocks and model.dec_layers.streamed_blocks
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    x0 = torch.randn(2, 7, 32)
+    grads = []
+    for m in (ref, model):
+        x = x0.clone().requires_grad_()
+        logits = m.decode(torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(1)),
+                          m.encode(inputs_embeds=x))
+        logits.square().mean().backward()
+        grads.append(x.grad)
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
 # -- the cpm_kernels bridge's self-check, with stand-in kernels --------------------------------------
 def _w8a8(x, weight, scale):
     """A CPU emulation of a W8A8 kernel: per-row int8 activations, then the int8 GEMM."""

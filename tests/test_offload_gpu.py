@@ -152,7 +152,9 @@ def test_input_gradients_through_streamed_blocks(source):
             assert model.enc_layers.streamed_blocks and torch.cuda.max_memory_allocated() <= limit
         grads.append(x.grad.float())
     assert grads[0].abs().sum() > 0 and torch.isfinite(grads[1]).all()
-    assert torch.allclose(grads[1], grads[0], rtol=1e-2, atol=1e-3 * grads[0].abs().max().item())
+    # fp16: the per-block recompute sums the residual branches' gradients in another order than one
+    # whole-graph backward, so elements differ by fp16 rounding (seen: ~0.1 on values up to ~130)
+    assert (grads[1] - grads[0]).norm() <= 2e-2 * grads[0].norm()
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
