@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import cpm_kernels_bridge
+from . import cpm_kernels_bridge, triton_int8
 
 __all__ = ["int8_linear"]
 
@@ -16,6 +16,9 @@ __all__ = ["int8_linear"]
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ (weight * scale[:, None]).T + bias`` for an int8 ``weight`` (out, in) and fp16 ``scale`` (out,)."""
+    # fused int8 decode kernel: weight-only, read once: the memory-bandwidth limit
+    if triton_int8.supports(x, weight) and not (x.requires_grad and torch.is_grad_enabled()):
+        return triton_int8.int8_linear(x, weight, scale, bias)
     # cpm_kernels (W8A8, forward only) where it loaded and passed its self-check on this device
     if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()) and cpm_kernels_bridge.usable(x.device):
         out = cpm_kernels_bridge.int8_linear(x, weight, scale, bias)

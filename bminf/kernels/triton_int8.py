@@ -1,0 +1,91 @@
+"""Weight-only int8 matmul for CUDA in Triton: ``y = x @ (weight * scale[:, None]).T + bias``.
+
+The portable path dequantizes the whole int8 weight to fp16 in memory (two full fp16 copies)
+before cuBLAS runs, so a decode step reads the weight's bytes five times over. Here the int8 tiles
+are widened in registers and the row scale is applied to the fp32 accumulator, so the weight is
+read once: decode (a few rows of ``x``) runs at the memory-bandwidth limit of int8 weights. Used
+for fp16 inputs with at most ``MAX_ROWS`` rows; larger inputs are compute-bound, where the
+portable path's cuBLAS GEMM wins.
+"""
+import functools
+from typing import Optional
+
+import torch
+
+MAX_ROWS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    # built on first use: importing triton costs time, and CPU-only installs lack it
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_matmul(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # x (M, K), w (N, K) int8, s (N,), b (N,), y (M, N); all contiguous
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            # (BLOCK_K, BLOCK_N) tile of w^T, widened to x's dtype in registers (int8 values are exact)
+            w = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+            acc += tl.dot(x, w.to(x.dtype))
+        acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    return int8_matmul, triton.cdiv
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _block_n(n: int, device: torch.device) -> int:
+    """The widest tile of output rows that still gives every multiprocessor a program: decode is a
+    stream over the weight, and idle multiprocessors are idle memory bandwidth."""
+    for block in (128, 64):
+        if n // block >= _multiprocessors(device):
+            return block
+    return 32
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    rows = x.numel() // max(x.shape[-1], 1)
+    # fp16 only: bf16 has not been checked on a GPU yet
+    return (x.is_cuda and x.dtype == torch.float16 and 0 < rows <= MAX_ROWS
+            and weight.is_cuda and weight.is_contiguous() and available())
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    kernel, cdiv = _kernel()
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)  # tl.dot needs at least 16 rows
+    block_n = _block_n(n, x.device)
+    b = bias.to(x.dtype).contiguous() if bias is not None else scale  # a placeholder pointer when absent
+    kernel[(cdiv(n, block_n), cdiv(m, block_m))](x2, weight, scale.contiguous(), b, y, m, n, k,
+                                                HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                BLOCK_K=128, num_warps=4, num_stages=4)
+    return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,75 @@
+"""The Triton int8 kernel against plain PyTorch: on the GPU when there is one, and everywhere through
+Triton's CPU interpreter (in a subprocess, since the interpreter is chosen when triton is imported)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bminf.kernels import int8_linear, triton_int8
+from bminf.quantization import quantize_weight
+
+# (rows, out_features, in_features): decode and small batches, odd sizes that leave partial tiles
+SHAPES = [(1, 96, 80), (5, 130, 200), (16, 64, 256), (40, 300, 130), (64, 128, 64)]
+
+CHECK = """
+import torch, torch.nn.functional as F
+from bminf.kernels import triton_int8
+from bminf.quantization import quantize_weight
+torch.manual_seed(0)
+worst = 0.0
+for m, n, k in {shapes}:
+    for bias in (False, True):
+        q, s = quantize_weight(torch.randn(n, k))
+        x = torch.randn(m, k).half()
+        b = torch.randn(n).half() if bias else None
+        y = triton_int8.int8_linear(x.to("{device}"), q.to("{device}"), s.to("{device}"), None if b is None else b.to("{device}"))
+        ref = F.linear(x.double(), q.double() * s.double()[:, None], None if b is None else b.double())
+        assert y.shape == (m, n) and y.dtype == torch.float16, (y.shape, y.dtype)
+        worst = max(worst, float((y.cpu().double() - ref).abs().max() / ref.abs().max()))
+print("worst", worst)
+"""
+
+
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+def test_triton_kernel_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", CHECK.format(shapes=SHAPES, device="cpu")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("worst")[1]) < 1e-3  # fp16 output rounding, fp32 accumulation
+
+
+@pytest.mark.gpu
+def test_triton_kernel_on_gpu():
+    if not triton_int8.available():
+        pytest.skip("needs triton")
+    out = subprocess.run([sys.executable, "-c", CHECK.format(shapes=SHAPES, device="cuda")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("worst")[1]) < 1e-3
+
+
+@pytest.mark.gpu
+def test_dispatch_picks_triton_for_decode_and_cublas_for_long_inputs(monkeypatch):
+    calls = []
+    real = triton_int8.int8_linear
+    monkeypatch.setattr(triton_int8, "int8_linear", lambda *a: calls.append(1) or real(*a))
+    q, s = quantize_weight(torch.randn(256, 512))
+    q, s = q.cuda(), s.cuda()
+    for rows, expect in [(1, 1), (triton_int8.MAX_ROWS, 1), (triton_int8.MAX_ROWS + 1, 0)]:
+        calls.clear()
+        x = torch.randn(rows, 512, device="cuda", dtype=torch.float16)
+        y = int8_linear(x, q, s)
+        ref = F.linear(x.double(), q.double() * s.double()[:, None])
+        assert len(calls) == expect
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) < 2e-3
+
+
+def test_portable_path_is_used_off_gpu():
+    q, s = quantize_weight(torch.randn(8, 16))
+    x = torch.randn(2, 16)
+    assert not triton_int8.supports(x, q)
+    assert torch.allclose(int8_linear(x, q, s), F.linear(x, q.float() * s.float()[:, None]), atol=1e-6)
