@@ -39,6 +39,7 @@ def hbm_read_gbs():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 16])
+    ap.add_argument("--block-k", type=int, nargs="*", default=[], help="also time these K tile sizes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ceiling = hbm_read_gbs()
@@ -53,11 +54,13 @@ def main():
                 "fp16 F.linear": bench(lambda: F.linear(x, w)),
                 "int8 portable": bench(lambda: F.linear(x, q.to(x.dtype) * s.to(x.dtype)[:, None])),
                 "int8 triton": bench(lambda: triton_int8.int8_linear(x, q, s)),
+                **{f"int8 triton K{bk}": bench(lambda: triton_int8.int8_linear(x, q, s, block_k=bk))
+                   for bk in args.block_k},
             }
             for kernel, us in times.items():
                 nbytes = n * k * (2 if kernel.startswith("fp16") else 1)
                 gbs = nbytes / us / 1e3
-                print(f"{name:18s} {n}x{k} rows={rows:3d} {kernel:14s} {us:8.1f} us {gbs:7.0f} GB/s "
+                print(f"{name:18s} {n}x{k} rows={rows:3d} {kernel:18s} {us:8.1f} us {gbs:7.0f} GB/s "
                       f"({100 * gbs / ceiling:3.0f}% of HBM read)")
                 results["cases"].append(dict(shape=[n, k], rows=rows, kernel=kernel, us=us, gbs=gbs))
     if args.out:

@@ -34,6 +34,7 @@ print("worst", worst)
 
 
 @pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
 def test_triton_kernel_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", CHECK.format(shapes=SHAPES, device="cpu")],
@@ -57,6 +58,7 @@ def test_dispatch_picks_triton_for_decode_and_cublas_for_long_inputs(monkeypatch
     calls = []
     real = triton_int8.int8_linear
     monkeypatch.setattr(triton_int8, "int8_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(triton_int8, "MIN_NUMEL", 0)
     q, s = quantize_weight(torch.randn(256, 512))
     q, s = q.cuda(), s.cuda()
     for rows, expect in [(1, 1), (triton_int8.MAX_ROWS, 1), (triton_int8.MAX_ROWS + 1, 0)]:
@@ -66,6 +68,21 @@ def test_dispatch_picks_triton_for_decode_and_cublas_for_long_inputs(monkeypatch
         ref = F.linear(x.double(), q.double() * s.double()[:, None])
         assert len(calls) == expect
         assert float((y.double() - ref).abs().max() / ref.abs().max()) < 2e-3
+
+
+@pytest.mark.gpu
+def test_triton_path_gives_input_and_bias_gradients(monkeypatch):
+    monkeypatch.setattr(triton_int8, "MIN_NUMEL", 0)
+    q, s = quantize_weight(torch.randn(96, 128))
+    q, s = q.cuda(), s.cuda()
+    bias = torch.randn(96, device="cuda", dtype=torch.float16, requires_grad=True)
+    x = torch.randn(3, 128, device="cuda", dtype=torch.float16, requires_grad=True)
+    int8_linear(x, q, s, bias).float().square().sum().backward()
+    x_ref = x.detach().double().requires_grad_()
+    b_ref = bias.detach().double().requires_grad_()
+    F.linear(x_ref, q.double() * s.double()[:, None], b_ref).square().sum().backward()
+    assert torch.allclose(x.grad.double(), x_ref.grad, rtol=2e-2, atol=2e-2 * float(x_ref.grad.abs().max()))
+    assert torch.allclose(bias.grad.double(), b_ref.grad, rtol=2e-2, atol=2e-2 * float(b_ref.grad.abs().max()))
 
 
 def test_portable_path_is_used_off_gpu():

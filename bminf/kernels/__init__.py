@@ -13,12 +13,30 @@ from . import cpm_kernels_bridge, triton_int8
 __all__ = ["int8_linear"]
 
 
+class _TritonInt8Linear(torch.autograd.Function):
+    """The Triton forward, with the input (and bias) gradient from the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):
+        ctx.save_for_backward(weight, scale)
+        ctx.has_bias = bias is not None
+        return triton_int8.int8_linear(x, weight, scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        grad_x = grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]) if ctx.needs_input_grad[0] else None
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_b
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ (weight * scale[:, None]).T + bias`` for an int8 ``weight`` (out, in) and fp16 ``scale`` (out,)."""
-    # fused int8 decode kernel: weight-only, read once: the memory-bandwidth limit
-    if triton_int8.supports(x, weight) and not (x.requires_grad and torch.is_grad_enabled()):
-        return triton_int8.int8_linear(x, weight, scale, bias)
+    # fused int8 decode kernel: weight-only, read once: the memory-bandwidth limit. Chosen whatever
+    # the grad mode, so that a block recomputed for backward sees the numbers its forward saw.
+    if triton_int8.supports(x, weight):
+        return _TritonInt8Linear.apply(x, weight, scale, bias)
     # cpm_kernels (W8A8, forward only) where it loaded and passed its self-check on this device
     if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()) and cpm_kernels_bridge.usable(x.device):
         out = cpm_kernels_bridge.int8_linear(x, weight, scale, bias)

@@ -8,11 +8,16 @@ for fp16 inputs with at most ``MAX_ROWS`` rows; larger inputs are compute-bound,
 portable path's cuBLAS GEMM wins.
 """
 import functools
+import os
 from typing import Optional
 
 import torch
 
 MAX_ROWS = 64
+# Each launch of a Triton kernel costs tens of microseconds of Python on the host, more than the
+# few eager kernels of the portable path; below this many weight elements the GPU time it saves
+# does not pay for that. BMINF_TRITON_MIN_NUMEL overrides it (0: always; a huge number: never).
+MIN_NUMEL = int(os.environ.get("BMINF_TRITON_MIN_NUMEL", 1 << 24))
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,12 +76,12 @@ def _block_n(n: int, device: torch.device) -> int:
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
     # fp16 only: bf16 has not been checked on a GPU yet
-    return (x.is_cuda and x.dtype == torch.float16 and 0 < rows <= MAX_ROWS
+    return (x.is_cuda and x.dtype == torch.float16 and 0 < rows <= MAX_ROWS and weight.numel() >= MIN_NUMEL
             and weight.is_cuda and weight.is_contiguous() and available())
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                bias: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> torch.Tensor:
     kernel, cdiv = _kernel()
     n, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()
@@ -84,8 +89,10 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)  # tl.dot needs at least 16 rows
     block_n = _block_n(n, x.device)
+    # narrow tiles get longer strips of K, so that each program keeps enough bytes in flight
+    block_k = block_k or (128 if block_n == 128 else 256 if block_n == 64 else 512)
     b = bias.to(x.dtype).contiguous() if bias is not None else scale  # a placeholder pointer when absent
     kernel[(cdiv(n, block_n), cdiv(m, block_m))](x2, weight, scale.contiguous(), b, y, m, n, k,
                                                 HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                BLOCK_K=128, num_warps=4, num_stages=4)
+                                                BLOCK_K=block_k, num_warps=4, num_stages=3)
     return y.reshape(*x.shape[:-1], n)
