@@ -90,7 +90,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)  # tl.dot needs at least 16 rows
     block_n = _block_n(n, x.device)
     # narrow tiles get longer strips of K, so that each program keeps enough bytes in flight
-    block_k = block_k or (128 if block_n == 128 else 256 if block_n == 64 else 512)
+    # (64 rows x 512 of fp16 x plus the int8 tile, 3 stages, overflows shared memory: cap K there)
+    block_k = block_k or (128 if block_n == 128 else 256 if block_n == 64 or block_m == 64 else 512)
     b = bias.to(x.dtype).contiguous() if bias is not None else scale  # a placeholder pointer when absent
     kernel[(cdiv(n, block_n), cdiv(m, block_m))](x2, weight, scale.contiguous(), b, y, m, n, k,
                                                 HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
