@@ -250,14 +250,19 @@ def test_split_across_two_devices():
         assert torch.equal(layers(x, bias), run_loop(ref, x, bias))
 
 
-def test_our_t5_backbone_streams_exactly_with_its_kv_cache():
+def _tiny_t5_and_streamed_copy():
+    """Our T5 backbone, and a copy wrapped into a budget of 4 decoder blocks (so some of each stack stream)."""
     from bminf import wrapper
     from bminf.models.t5 import T5, T5Config
     torch.manual_seed(0)
     cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, n_heads=2, d_head=16, n_encoder_layers=4, n_decoder_layers=4)
     ref = T5(cfg).eval()
     dec_block = BlockWeights(ref.dec_layers[0]).nbytes
-    model = wrapper(copy.deepcopy(ref), quantization=False, device="cpu", memory_limit=4 * dec_block, reserve=0)
+    return ref, wrapper(copy.deepcopy(ref), quantization=False, device="cpu", memory_limit=4 * dec_block, reserve=0)
+
+
+def test_our_t5_backbone_streams_exactly_with_its_kv_cache():
+    ref, model = _tiny_t5_and_streamed_copy()
     assert len(model.dec_layers.streamed_blocks) == 2 and len(model.enc_layers.streamed_blocks) == 4
     ids, mask = torch.randint(0, 64, (2, 7)), torch.ones(2, 7, dtype=torch.bool)
     with torch.no_grad():
@@ -273,13 +278,7 @@ def test_our_t5_backbone_streams_exactly_with_its_kv_cache():
 
 
 def test_our_t5_backbone_input_gradients_through_streamed_blocks():
-    from bminf import wrapper
-    from bminf.models.t5 import T5, T5Config
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, n_heads=2, d_head=16, n_encoder_layers=4, n_decoder_layers=4)
-    ref = T5(cfg).eval()
-    dec_block = BlockWeights(ref.dec_layers[0]).nbytes
-    model = wrapper(copy.deepcopy(ref), quantization=False, device="cpu", memory_limit=4 * dec_block, reserve=0)
+    ref, model = _tiny_t5_and_streamed_copy()
     assert model.enc_layers.streamed_blocks and model.dec_layers.streamed_blocks
     for p in ref.parameters():
         p.requires_grad_(False)
