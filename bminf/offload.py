@@ -269,6 +269,11 @@ class TransformerBlockList(nn.ModuleList):
         return [i for i, w in enumerate(self._weights) if w.host is not None]
 
     @property
+    def block_devices(self) -> List[torch.device]:
+        """The device each block computes on (where its run state, such as a KV cache, belongs)."""
+        return [w.part.device for w in self._weights]
+
+    @property
     def streamer_stats(self) -> dict:
         """Host-to-device copies issued so far, per device."""
         return {str(p.device): (p.streamer.loads, p.streamer.loaded_bytes) for p in self._parts if p.streamer}

@@ -205,8 +205,7 @@ def test_cpm_kernels_is_used_only_after_its_self_check(caplog):
 
 @pytest.mark.multigpu
 def test_split_across_two_gpus_equals_one():
-    # HF GPT-2: its KV cache lives per layer, on the layer's device. (Our backbones allocate the
-    # cache on one device, so they cannot yet decode split across GPUs.)
+    # HF GPT-2: its KV cache lives per layer, on the layer's device
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
     ref = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=256, n_layer=6, n_head=4, vocab_size=512, n_positions=256))
@@ -221,3 +220,18 @@ def test_split_across_two_gpus_equals_one():
     assert {str(p.device) for p in model.transformer.h._parts} == {"cuda:0", "cuda:1"}
     assert model.transformer.h.streamed_blocks
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.multigpu
+def test_our_t5_split_across_two_gpus_equals_one(source):
+    # our backbone: each decoder layer's KV cache is allocated on that layer's device (block_devices)
+    ids = torch.randint(0, CFG.vocab_size, (2, 24), device="cuda:0")
+    outs = []
+    split = [(f"cuda:{i}", torch.cuda.memory_allocated(i) + 120 * MIB) for i in (0, 1)]
+    for device in ("cuda:0", split):
+        model = wrapper(copy.deepcopy(source), quantization=False, device=device, reserve=8 * MIB)
+        with torch.no_grad():
+            outs.append(generate(model, ids).cpu())
+    devices = {str(d) for lst in (model.enc_layers, model.dec_layers) for d in lst.block_devices}
+    assert devices == {"cuda:0", "cuda:1"}
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])

@@ -5,6 +5,13 @@ from typing import Optional, Tuple
 import torch
 
 
+def _per_layer(device, n_layers: int) -> list:
+    devices = list(device) if isinstance(device, (list, tuple)) else [device] * n_layers
+    if len(devices) != n_layers:
+        raise ValueError(f"{len(devices)} devices given for {n_layers} layers")
+    return devices
+
+
 class LayerKV:
     """One layer's slice of a cache, with the position where this step's keys go."""
 
@@ -22,28 +29,35 @@ class LayerKV:
 class KVCache:
     """Self-attention keys/values of every layer of one stack, plus which positions hold real tokens.
 
+    ``device`` may be one device or one per layer (a stack split across GPUs keeps each layer's
+    cache beside its weights); the masks live on ``mask_device`` (default: the first), where the
+    model builds its attention masks.
+
     >>> cache = KVCache(n_layers=2, batch_size=1, n_heads=4, max_length=16, d_head=8)
     >>> cache.length, cache.max_length
     (0, 16)
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_length: int, d_head: int,
-                 dtype: torch.dtype = torch.float32, device=None):
-        shape = (n_layers, batch_size, n_heads, max_length, d_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+                 dtype: torch.dtype = torch.float32, device=None, mask_device=None):
+        devices = _per_layer(device, n_layers)
+        mask_device = devices[0] if mask_device is None else mask_device
+        shape = (batch_size, n_heads, max_length, d_head)
+        # one (batch, heads, max_length, d_head) buffer per layer
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=mask_device)
         # number of real tokens seen per row: the next token's absolute position (GPT)
-        self.n_valid = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.n_valid = torch.zeros(batch_size, dtype=torch.long, device=mask_device)
         self.length = 0
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def begin(self, mask: torch.Tensor) -> torch.Tensor:
         """Reserve room for a step of ``mask.shape[1]`` tokens; returns the key mask up to its end."""
@@ -74,9 +88,10 @@ class CrossKVCache:
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, source_length: int, d_head: int,
                  dtype: torch.dtype = torch.float32, device=None):
-        shape = (n_layers, batch_size, n_heads, source_length, d_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, n_heads, source_length, d_head)
+        devices = _per_layer(device, n_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.filled = [False] * n_layers
 
     def layer(self, i: int) -> "CrossLayerKV":

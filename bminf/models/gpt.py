@@ -64,9 +64,13 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layers))
 
     def new_cache(self, batch_size: int, max_length: Optional[int] = None, dtype=None, device=None) -> KVCache:
+        """A KV cache for ``batch_size`` rows of up to ``max_length`` tokens, on the device of each layer
+        (a block list split across GPUs says where through ``block_devices``)."""
         c, w = self.config, self.token_embedding.weight
+        home = device or w.device
         return KVCache(c.n_layers, batch_size, c.n_heads, max_length or c.max_positions, c.d_head,
-                       dtype=dtype or w.dtype, device=device or w.device)
+                       dtype=dtype or w.dtype, device=device or getattr(self.layers, "block_devices", None) or home,
+                       mask_device=home)
 
     def hidden_states(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                       cache: Optional[KVCache] = None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:

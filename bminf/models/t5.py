@@ -133,11 +133,13 @@ class T5(nn.Module):
     def new_cache(self, encoder_mask: torch.Tensor, max_length: int = 256, dtype=None, device=None) -> T5Cache:
         """A decoder cache for a batch whose encoder mask is ``encoder_mask`` (batch, source_len)."""
         c, w = self.config, self.input_embedding.weight
-        dtype, device = dtype or w.dtype, device or w.device
+        dtype, home = dtype or w.dtype, device or w.device
+        # each decoder layer's cache on its device (a block list split across GPUs says where)
+        layers = device or getattr(self.dec_layers, "block_devices", None) or home
         batch, source_len = encoder_mask.shape
-        self_kv = KVCache(c.n_decoder_layers, batch, c.n_heads, max_length, c.d_head, dtype, device)
-        cross = CrossKVCache(c.n_decoder_layers, batch, c.n_heads, source_len, c.d_head, dtype, device)
-        return T5Cache(self_kv, cross, encoder_mask.to(device=device, dtype=torch.bool))
+        self_kv = KVCache(c.n_decoder_layers, batch, c.n_heads, max_length, c.d_head, dtype, layers, home)
+        cross = CrossKVCache(c.n_decoder_layers, batch, c.n_heads, source_len, c.d_head, dtype, layers)
+        return T5Cache(self_kv, cross, encoder_mask.to(device=home, dtype=torch.bool))
 
     def decode(self, decoder_input_ids: Optional[torch.Tensor] = None, encoder_output: Optional[torch.Tensor] = None,
                encoder_mask: Optional[torch.Tensor] = None, decoder_attention_mask: Optional[torch.Tensor] = None,
