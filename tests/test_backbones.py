@@ -166,3 +166,11 @@ def test_bad_inputs_give_clear_errors():
         t5(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="attention_mask|mask shape"):
         gpt(torch.tensor([[1, 2]]), torch.ones(1, 3))
+
+
+def test_kv_cache_takes_one_device_per_layer():
+    from bminf.layers import KVCache
+    cache = KVCache(2, 1, 2, 8, 4, device=["cpu", "cpu"], mask_device="cpu")
+    assert len(cache.k) == 2 and cache.k[1].shape == (1, 2, 8, 4) and cache.max_length == 8
+    with pytest.raises(ValueError, match="3 devices given for 2 layers"):
+        KVCache(2, 1, 2, 8, 4, device=["cpu"] * 3)

@@ -211,9 +211,11 @@ def test_split_across_two_gpus_equals_one():
     ref = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=256, n_layer=6, n_head=4, vocab_size=512, n_positions=256))
     ref = ref.half().eval()
     ids = torch.randint(0, 512, (2, 40), device="cuda:0")
-    outs = []
-    split = [(f"cuda:{i}", torch.cuda.memory_allocated(i) + 3 * MIB) for i in (0, 1)]
-    for device in ("cuda:0", split):
+    outs, model = [], None
+    for split in (False, True):
+        del model  # the limits below cover what is allocated already: free the last model first
+        gc.collect()
+        device = [(f"cuda:{i}", torch.cuda.memory_allocated(i) + 3 * MIB) for i in (0, 1)] if split else "cuda:0"
         model = wrapper(copy.deepcopy(ref), device=device, reserve=1 * MIB)
         with torch.no_grad():
             outs.append(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0).cpu())
@@ -226,9 +228,11 @@ def test_split_across_two_gpus_equals_one():
 def test_our_t5_split_across_two_gpus_equals_one(source):
     # our backbone: each decoder layer's KV cache is allocated on that layer's device (block_devices)
     ids = torch.randint(0, CFG.vocab_size, (2, 24), device="cuda:0")
-    outs = []
-    split = [(f"cuda:{i}", torch.cuda.memory_allocated(i) + 120 * MIB) for i in (0, 1)]
-    for device in ("cuda:0", split):
+    outs, model = [], None
+    for split in (False, True):
+        del model  # the limits below cover what is allocated already: free the last model first
+        gc.collect()
+        device = [(f"cuda:{i}", torch.cuda.memory_allocated(i) + 120 * MIB) for i in (0, 1)] if split else "cuda:0"
         model = wrapper(copy.deepcopy(source), quantization=False, device=device, reserve=8 * MIB)
         with torch.no_grad():
             outs.append(generate(model, ids).cpu())
