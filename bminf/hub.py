@@ -187,6 +187,9 @@ def ensure_file(version: str, filename: str, *, source: Optional[str] = None, ca
         if os.path.isfile(dest) and not force:
             logger.warning("%s is unreachable; using the cached %s as it is", source, dest)
             return dest
+        if os.path.isfile(dest):
+            raise SourceUnreachableError(f"{source} is unreachable ({exc}); the cached {dest} was kept as it is") \
+                from exc
         raise _not_cached(version, filename, dest, source, f"the source is unreachable ({exc})") from exc
     except PermissionError:
         if os.path.isfile(dest) and not force:

@@ -310,15 +310,14 @@ def fetch(url: str, dest: str, *, lock_path: str, sha256: Optional[str] = None, 
         os.makedirs(os.path.dirname(dest), exist_ok=True)
     with _locked(lock_path, desc or dest), requests.Session() as session:
         if force:
-            for path in (meta_path(dest), dest, part):
-                _remove(path)
-        if is_verified(dest, sha256):
+            _remove(part)  # the cached file stays until its replacement is complete and verified
+        elif is_verified(dest, sha256):
             return dest  # another process finished it while we waited for the lock
         # "answered": whether the source has replied, which tells "unreachable" from "transfer failed"
         answered = sha256 is None or os.path.isfile(dest)
         if sha256 is None:
             sha256 = remote_sha256(session, url, timeout, retries)
-        if os.path.isfile(dest) and _adopt_existing(session, url, dest, part, sha256, timeout, progress):
+        if not force and os.path.isfile(dest) and _adopt_existing(session, url, dest, part, sha256, timeout, progress):
             return dest
         state = {"answered": answered, "size": size, "total": None, "hasher": None, "hashed": -1,
                  "error": "", "progress": progress}
@@ -380,6 +379,7 @@ def _finish(url: str, dest: str, part: str, sha256: Optional[str], state: dict) 
     with _writing(part):
         with open(part, "rb") as f:
             os.fsync(f.fileno())  # the bytes reach the disk before the name says "complete"
+        _remove(meta_path(dest))  # describes the file being replaced
         os.replace(part, dest)
     _write_meta(dest, received, digest, url)
     return dest

@@ -235,6 +235,17 @@ def test_ensure_version_and_download_force(server, cache):
     assert len(server.requests(CKPT_PATH)) == 2 and len(server.requests(f"/{V}/vocab.txt")) == 1
 
 
+def test_force_keeps_the_cached_file_until_its_replacement_is_verified(server, cache):
+    path = get(server, cache)
+    good = read(path)
+    with pytest.raises(hub.SourceUnreachableError, match="was kept"):
+        hub.ensure_file(V, CKPT, source=_closed_port_url(), cache_dir=cache, force=True, **FAST)
+    server.faults[CKPT_PATH] = Fault(status=404)
+    with pytest.raises(hub.DownloadError):
+        get(server, cache, force=True)
+    assert read(path) == good and hub_download.is_verified(path, None)
+
+
 def test_no_sha256_on_server_checks_size(server, cache):
     del server.files[CKPT_PATH + ".sha256"]  # a 404 for it means "unknown", not an error
     assert read(get(server, cache)) == server.files[CKPT_PATH]
