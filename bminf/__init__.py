@@ -1,8 +1,8 @@
 """bminf: big pretrained Chinese language models on the GPU you have.
 
 >>> import bminf
->>> cpm2 = bminf.models.CPM2()                                  # doctest: +SKIP
->>> cpm2.fill_blank("北京环球影城指定单日门票将采用<span>制度")   # doctest: +SKIP
+>>> model = bminf.wrapper(model, memory_limit=6 << 30)          # doctest: +SKIP
+>>> layer = bminf.QuantizedLinear.from_linear(torch.nn.Linear(8, 8))   # doctest: +SKIP
 
 Nothing heavy happens at import: torch, jieba and sentencepiece load when first used.
 """
@@ -14,12 +14,13 @@ __version__ = "3.0.0.dev0"
 _LAZY = {
     "QuantizedLinear": "bminf.quantization",
     "TransformerBlockList": "bminf.offload",
-    "wrapper": "bminf.wrapper",
+    "wrapper": "bminf.wrapping",
+    "WrapperWarning": "bminf.wrapping",
 }
 _SUBMODULES = {"models", "tokenizers", "hub", "data", "quantization", "offload", "checkpoint", "kernels",
-               "layers", "generation"}
+               "layers", "wrapping"}
 
-__all__ = ["QuantizedLinear", "TransformerBlockList", "wrapper", "models", "tokenizers", "hub", "data",
+__all__ = ["QuantizedLinear", "TransformerBlockList", "wrapper", "WrapperWarning", "models", "tokenizers", "hub", "data",
            "__version__"]
 
 

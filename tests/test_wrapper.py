@@ -14,7 +14,7 @@ from bminf import wrapper  # noqa: E402
 from bminf.offload import TransformerBlockList  # noqa: E402
 from bminf.offload_stream import BlockWeights  # noqa: E402
 from bminf.quantization import QuantizedLinear, quantize_weight  # noqa: E402
-from bminf.wrapper import WrapperWarning  # noqa: E402
+from bminf import WrapperWarning  # noqa: E402
 
 V = 96
 
@@ -196,9 +196,26 @@ def test_gpt2_reports_its_tied_lm_head():
         wrapper(build("gpt2"), device="cpu")
 
 
-def test_too_small_budget_names_the_minimum():
+def test_too_small_budget_names_the_minimum_and_leaves_the_model_as_it_was():
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match=r"bminf.wrapper: memory_limit of 1000 bytes is too small: at least \d+"):
-        wrapper(build("llama"), memory_limit=1000, device="cpu", reserve=0)
+        wrapper(model, memory_limit=1000, device="cpu", reserve=0)
+    assert [type(m) for m in model.modules()] == kinds  # no QuantizedLinear, no TransformerBlockList
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # so a retry with a workable budget converts it fully
+    model = wrapper(model, memory_limit=10 << 20, device="cpu", reserve=0)
+    assert isinstance(model.model.layers, TransformerBlockList)
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def test_blocks_sharing_weights_are_reported_and_left_resident():
+    shared = nn.Linear(8, 8)
+    net = nn.Sequential(nn.ModuleList([shared, shared, shared]))  # ALBERT-style: one block, used thrice
+    with pytest.warns(WrapperWarning, match="0: blocks 0 and 1 share weights; left resident"):
+        net = wrapper(net, quantization=False, device="cpu")
+    assert type(net[0]) is nn.ModuleList
 
 
 def test_encoder_decoder_shares_one_budget_and_prefers_the_decoder():

@@ -1,5 +1,7 @@
 """``bminf.wrapper``: fit an arbitrary PyTorch model into a GPU memory budget.
 
+(The module is ``bminf.wrapping`` so that ``bminf.wrapper`` stays the function.)
+
 It converts in place and returns the model:
   * ``nn.Linear`` -> ``QuantizedLinear`` (int8 weight, fp16 row scale), and HF's ``Conv1D``
     (GPT-2; weight stored (in, out)) -> ``QuantizedLinear`` of the transposed weight;
@@ -13,9 +15,11 @@ What it cannot convert it leaves as it was (resident, unquantized) and reports i
 ModuleLists, Linears whose weight is tied to another module, Linear subclasses whose owner reads
 the weight directly (e.g. ``nn.MultiheadAttention.out_proj``), blocks sharing weights.
 """
+import functools
+import itertools
 import re
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -56,16 +60,13 @@ def _tied(model: nn.Module) -> Dict[int, List[str]]:
     return {k: v for k, v in paths.items() if len(v) > 1}
 
 
-def _quantize(model: nn.Module, report: List[str]) -> int:
+def _quantize(model: nn.Module, report: List[str], undo: List[Callable[[], None]]) -> int:
+    # a module registered twice has its weight under two paths, so it is reported as tied below
     tied = _tied(model)
-    done: Dict[int, nn.Module] = {}
     count = 0
     for name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent.named_children()):
             path = f"{name}.{child_name}" if name else child_name
-            if id(child) in done:  # the same module registered twice stays one module
-                setattr(parent, child_name, done[id(child)])
-                continue
             is_linear, is_conv = type(child) is nn.Linear, _is_conv1d(child)
             if not (is_linear or is_conv):
                 if isinstance(child, nn.Linear):
@@ -80,7 +81,7 @@ def _quantize(model: nn.Module, report: List[str]) -> int:
                 continue
             new = QuantizedLinear.from_linear(child) if is_linear else _quantize_conv1d(child)
             setattr(parent, child_name, new)
-            done[id(child)] = new
+            undo.append(functools.partial(setattr, parent, child_name, child))
             count += 1
     return count
 
@@ -107,18 +108,29 @@ def _find_lists(module: nn.Module, prefix: str, report: List[str]) -> List[Tuple
     return found
 
 
+def _shared_between_blocks(lst: nn.ModuleList) -> Optional[Tuple[int, int]]:
+    """The first two blocks of ``lst`` that hold the same tensor (ALBERT-style sharing), if any."""
+    owner: Dict[int, int] = {}
+    for i, block in enumerate(lst):
+        for t in itertools.chain(block.parameters(), block.buffers()):
+            if owner.setdefault(id(t), i) != i:
+                return owner[id(t)], i
+    return None
+
+
 def _is_decoder(path: str) -> bool:
     """``decoder.block``, ``model.decoder.layers``, ``dec_layers``: a name part starting with "dec"."""
     return any(part.lower().startswith("dec") for part in re.split(r"[._]", path))
 
 
-def _move_rest(model: nn.Module, device: torch.device, skip: set) -> None:
+def _move_rest(model: nn.Module, device: torch.device, skip: set, undo: List[Callable[[], None]]) -> None:
     """Move every parameter and buffer outside the block lists, keeping tensor identity (ties)."""
     def visit(mod: nn.Module):
         if id(mod) in skip:
             return
         for t in list(mod._parameters.values()) + list(mod._buffers.values()):
             if t is not None and t.device != device:
+                undo.append(functools.partial(setattr, t, "data", t.data))
                 t.data = t.data.to(device)
         for child in mod.children():
             visit(child)
@@ -141,7 +153,8 @@ def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Optional[
     ('QuantizedLinear', 'TransformerBlockList', 3)
     """
     report: List[str] = []
-    if quantization and _quantize(model, report) == 0:
+    undo: List[Callable[[], None]] = []  # how to put the model back if placement fails
+    if quantization and _quantize(model, report, undo) == 0:
         report.append("quantization=True but no nn.Linear (or Conv1D) was found to quantize")
 
     devices = _devices(device, memory_limit)
@@ -162,25 +175,32 @@ def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Optional[
     kept = []
     for path, parent, name, lst in lists:
         shared = [outside[id(t)] for t in list(lst.parameters()) + list(lst.buffers()) if id(t) in outside]
+        between = _shared_between_blocks(lst)
         if shared:
             report.append(f"{path}: blocks share weights with {shared[0]}; left resident")
+            skip.discard(id(lst))
+        elif between:
+            report.append(f"{path}: blocks {between[0]} and {between[1]} share weights; left resident")
             skip.discard(id(lst))
         else:
             kept.append((path, parent, name, lst))
 
-    _move_rest(model, devices[0][0], skip)
+    _move_rest(model, devices[0][0], skip, undo)
     converted = []
     for path, parent, name, lst in kept:
         tbl = TransformerBlockList(list(lst), place=False)
         setattr(parent, name, tbl)
+        undo.append(functools.partial(setattr, parent, name, lst))
         converted.append((path, tbl))
     if converted:
         priorities = [1 if _is_decoder(path) else 0 for path, _ in converted]
         try:
-            place_block_lists([t for _, t in converted], device if device is not None else None,
-                              memory_limit, reserve=reserve, slots=slots, priorities=priorities)
+            place_block_lists([t for _, t in converted], device, memory_limit, reserve=reserve, slots=slots,
+                              priorities=priorities)
         except ValueError as e:
-            raise ValueError(f"bminf.wrapper: {e}") from None
+            for step in reversed(undo):  # placement moves nothing before it has planned every device
+                step()
+            raise ValueError(f"bminf.wrapper: {e} (the model was left as it was)") from None
     if report:
         message = "bminf.wrapper left some modules unconverted:\n  " + "\n  ".join(report)
         if strict:
