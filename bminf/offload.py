@@ -32,9 +32,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .offload_plan import MIB, Plan, plan_residency, split_contiguous
+from .offload_recompute import Recompute, StreamedCall
 from .offload_stream import BlockWeights, Streamer
 
 __all__ = ["TransformerBlockList", "place_block_lists", "kernel_scratch"]
@@ -50,13 +51,19 @@ def kernel_scratch(modules: Iterable[nn.Module]) -> int:
     return 2 * 2 * largest
 
 
+def _is_pair(item) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and (item[1] is None or isinstance(item[1], int))
+
+
 def _devices(device: DeviceSpec, memory_limit: Optional[int]) -> List[Tuple[torch.device, Optional[int]]]:
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    # a list holds several devices or (device, limit) pairs; anything else is one device
-    items = list(device) if isinstance(device, list) else [device]
+    # a list or tuple holds several devices or (device, limit) pairs; a pair or anything else is one device
+    items = list(device) if isinstance(device, (list, tuple)) and not _is_pair(device) else [device]
     out = []
     for item in items:
+        if isinstance(item, tuple) and not _is_pair(item):
+            raise ValueError(f"device entry {item!r}: expected a device or a (device, memory_limit) pair")
         dev, limit = item if isinstance(item, tuple) else (item, memory_limit)
         dev = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
         if dev.type == "cuda" and dev.index is None:
@@ -74,6 +81,9 @@ class _DevicePart:
         # block weights already on the device are planned below, not part of the baseline
         on_device = sum(t.numel() * t.element_size() for b in blocks for t in b.tensors if t.device == device)
         if device.type == "cuda":
+            # check_budget reads the device's peak: start it here, so that memory used before the
+            # model was placed (a float copy, another model) is not taken for an overshoot
+            torch.cuda.reset_peak_memory_stats(device)
             allocated = torch.cuda.memory_allocated(device)
             self.baseline = max(allocated - on_device, 0)
             if limit is None:
@@ -157,79 +167,11 @@ class _DevicePart:
                 b.owner._wrap(b)
 
 
-class _Recompute(torch.autograd.Function):
-    """One streamed block as an autograd node: the forward keeps only the inputs; the backward
-    streams the block's weights in again, recomputes it with grad and backpropagates through it."""
-
-    @staticmethod
-    def forward(ctx, call, *tensors):
-        ctx.call = call
-        ctx.save_for_backward(*tensors)
-        with torch.no_grad():
-            return call.run(tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        return (None, *ctx.call.backward(inputs, grads))
-
-
-class _Call:
-    """The pieces of one call of a streamed block that autograd needs to replay it."""
-
-    def __init__(self, lst, block, spec, leaves, positions):
-        self.lst, self.block = lst, block
-        self.fwd = functools.partial(type(block.module).forward, block.module)
-        self.spec, self.leaves, self.positions = spec, leaves, positions
-        self.out_spec = self.out_leaves = self.out_positions = None
-        dev = block.part.device
-        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
-
-    def _invoke(self, tensors):
-        leaves = list(self.leaves)
-        for p, t in zip(self.positions, tensors):
-            leaves[p] = t
-        args, kwargs = tree_unflatten(leaves, self.spec)
-        return self.fwd(*args, **kwargs)
-
-    def run(self, tensors):
-        streamer = self.block.part.streamer
-        streamer.acquire(self.block)
-        try:
-            out = self._invoke(tensors)
-        finally:
-            self.lst._released(self.block)
-        leaves, self.out_spec = tree_flatten(out)
-        self.out_positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-        self.out_leaves = leaves
-        return tuple(leaves[i] for i in self.out_positions)
-
-    def rebuild(self, outputs):
-        leaves = list(self.out_leaves)
-        for p, t in zip(self.out_positions, outputs):
-            leaves[p] = t
-        self.out_leaves = None  # the tensors now live in ``outputs``
-        return tree_unflatten(leaves, self.out_spec)
-
-    def backward(self, inputs, grads):
-        part = self.block.part
-        devices = [part.device] if part.device.type == "cuda" else []
-        part.streamer.acquire(self.block, reverse=True)
-        try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.set_rng_state(self.rng[0])
-                if devices:
-                    torch.cuda.set_rng_state(self.rng[1], part.device)
-                leaves, _ = tree_flatten(self._invoke(inputs))
-            outs = [leaves[i] for i in self.out_positions]
-            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-            wanted = [t for t in inputs if t.requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                      allow_unused=True) if pairs and wanted else [None] * len(wanted)
-        finally:
-            part.streamer.release(self.block, reverse=True)
-        it = iter(got)
-        return [next(it) if t.requires_grad else None for t in inputs]
+def _forget_slots(lst: "TransformerBlockList", incompatible_keys) -> None:
+    for part in lst._parts:
+        if part.streamer is not None:
+            for w in part.blocks:
+                part.streamer.forget(w)
 
 
 class TransformerBlockList(nn.ModuleList):
@@ -240,7 +182,11 @@ class TransformerBlockList(nn.ModuleList):
     device) caps everything allocated on the device: weights already there, resident blocks, the
     streaming slots, and ``reserve`` bytes for activations and KV cache (None: ``scratch +
     max(64 MiB, limit / 16)``, see ``offload_plan``). After a pass whose peak went over the limit,
-    the reserve grows and blocks leave the device. ``slots``: streaming buffers (2 = double buffering).
+    the reserve grows and blocks leave the device (placing resets the device's peak-memory counter,
+    which this check reads). ``slots``: streaming buffers (2 = double buffering).
+
+    Weights are immutable once placed: ``load_state_dict`` is supported (it writes the host copies
+    and drops stale device copies), in-place writes to a streamed block's tensors are not.
 
     >>> blocks = [nn.Linear(8, 8) for _ in range(6)]   # 512 bytes each, aligned
     >>> layers = TransformerBlockList(blocks, "cpu", memory_limit=4 * 512, reserve=0)
@@ -259,6 +205,8 @@ class TransformerBlockList(nn.ModuleList):
         self._parts: List[_DevicePart] = []
         self._home: Optional[torch.device] = None
         self._wrapped = set()  # indices of blocks whose forward is wrapped
+        # weights loaded into streamed blocks land in their host copies: drop stale slot copies
+        self.register_load_state_dict_post_hook(_forget_slots)
         if place:  # place=False: placed later, together with other lists, by place_block_lists
             place_block_lists([self], device, memory_limit, reserve=reserve, slots=slots)
 
@@ -328,8 +276,8 @@ class TransformerBlockList(nn.ModuleList):
                 isinstance(x, torch.Tensor) and x.requires_grad for x in tree_flatten((args, kwargs))[0]):
             leaves, spec = tree_flatten((args, kwargs))
             pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-            call = _Call(self, w, spec, leaves, pos)
-            outs = _Recompute.apply(call, *[leaves[i] for i in pos])
+            call = StreamedCall(self, w, spec, leaves, pos)
+            outs = Recompute.apply(call, *[leaves[i] for i in pos])
             out = call.rebuild(outs)
         else:
             w.part.streamer.acquire(w)
@@ -400,10 +348,10 @@ def place_block_lists(lists: Sequence[TransformerBlockList], device: DeviceSpec 
                 limit = torch.cuda.mem_get_info(dev)[1]
             caps.append((limit or 0) - (torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0))
         runs = split_contiguous(sizes, caps)
-    for (dev, limit), (start, stop) in zip(devices, runs):
-        if start == stop:
-            continue
-        part = _DevicePart(dev, weights[start:stop], prio[start:stop], limit, reserve, scratch, slots)
+    # plan every device before moving anything, so that a budget error leaves the blocks where they were
+    parts = [_DevicePart(dev, weights[start:stop], prio[start:stop], limit, reserve, scratch, slots)
+             for (dev, limit), (start, stop) in zip(devices, runs) if start != stop]
+    for part in parts:
         for w in part.blocks:
             w.part = part
         part.apply(part.plan)

@@ -312,3 +312,20 @@ def test_bridge_self_check_accepts_w8a8_and_rejects_wrong_kernels(caplog):
     with caplog.at_level(logging.INFO, logger="bminf"):
         assert not bridge.probe(torch.device("cpu"), loader=lambda: (_ for _ in ()).throw(OSError("no kernel image")))
     assert len(caplog.records) == 1 and "no kernel image" in caplog.records[0].getMessage()
+
+
+def test_load_state_dict_reaches_streamed_blocks_already_in_a_slot():
+    torch.manual_seed(0)
+    blocks = [nn.Linear(8, 8) for _ in range(6)]
+    layers = TransformerBlockList(copy.deepcopy(blocks), "cpu", memory_limit=4 * 512, reserve=0)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        layers(x)  # leaves streamed blocks in the slots
+        new = {k: v * 2 for k, v in layers.state_dict().items()}
+        layers.load_state_dict(new)
+        ref = nn.ModuleList(blocks)
+        ref.load_state_dict(new)
+        want = x
+        for block in ref:
+            want = block(want)
+        assert layers.streamed_blocks and torch.equal(layers(x), want)

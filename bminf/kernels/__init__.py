@@ -13,34 +13,35 @@ from . import cpm_kernels_bridge, triton_int8
 __all__ = ["int8_linear"]
 
 
-class _TritonInt8Linear(torch.autograd.Function):
-    """The Triton forward, with the input (and bias) gradient from the dequantized weight."""
+class _FusedInt8Linear(torch.autograd.Function):
+    """A device kernel's forward, with the input (and bias) gradient from the dequantized weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias):
+    def forward(ctx, kernel, x, weight, scale, bias):
         ctx.save_for_backward(weight, scale)
         ctx.has_bias = bias is not None
-        return triton_int8.int8_linear(x, weight, scale, bias)
+        return kernel(x, weight, scale, bias)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
-        grad_x = grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]) if ctx.needs_input_grad[0] else None
-        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_b
+        grad_x = grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]) if ctx.needs_input_grad[1] else None
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return None, grad_x, None, None, grad_b
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ (weight * scale[:, None]).T + bias`` for an int8 ``weight`` (out, in) and fp16 ``scale`` (out,)."""
-    # fused int8 decode kernel: weight-only, read once: the memory-bandwidth limit. Chosen whatever
-    # the grad mode, so that a block recomputed for backward sees the numbers its forward saw.
+    """``x @ (weight * scale[:, None]).T + bias`` for an int8 ``weight`` (out, in) and fp16 ``scale`` (out,).
+
+    The kernel is chosen by device, dtype and shape alone, never by grad mode, so that a block
+    recomputed for backward sees the numbers its forward saw.
+    """
+    # fused int8 decode kernel: weight-only, the weight read once (the memory-bandwidth limit)
     if triton_int8.supports(x, weight):
-        return _TritonInt8Linear.apply(x, weight, scale, bias)
-    # cpm_kernels (W8A8, forward only) where it loaded and passed its self-check on this device
-    if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()) and cpm_kernels_bridge.usable(x.device):
-        out = cpm_kernels_bridge.int8_linear(x, weight, scale, bias)
-        if out is not None:
-            return out
+        return _FusedInt8Linear.apply(triton_int8.int8_linear, x, weight, scale, bias)
+    # cpm_kernels (W8A8) where it loaded and passed its self-check on this device
+    if x.is_cuda and cpm_kernels_bridge.usable(x.device) and cpm_kernels_bridge.supports(x, weight):
+        return _FusedInt8Linear.apply(cpm_kernels_bridge.int8_linear, x, weight, scale, bias)
     w = weight.to(x.dtype) * scale.to(x.dtype)[:, None]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))

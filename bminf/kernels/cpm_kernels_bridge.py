@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["usable", "int8_linear", "self_check", "probe", "TOLERANCE"]
+__all__ = ["usable", "supports", "int8_linear", "self_check", "probe", "TOLERANCE"]
 
 _log = logging.getLogger("bminf")
 _state: Dict[Tuple[str, int], bool] = {}
@@ -95,12 +95,18 @@ def usable(device: torch.device) -> bool:
     return _state[key]
 
 
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the loaded kernels can run this problem (fp16, dimensions multiples of 4)."""
+    n, k = weight.shape
+    return _ops is not None and x.dtype == torch.float16 and not (k % 4 or n % 4) and x.numel() > 0
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """W8A8 ``x @ (weight * scale[:, None]).T + bias`` for fp16 ``x``; None where the kernels
     cannot run this problem (the caller then uses the PyTorch path)."""
     k, n = weight.shape[1], weight.shape[0]
-    if _ops is None or x.dtype != torch.float16 or k % 4 or n % 4 or x.numel() == 0:
+    if not supports(x, weight):
         return None
     out = _w8a8(_ops, x.reshape(-1, k), weight, scale).view(*x.shape[:-1], n)
     return out if bias is None else out + bias.to(out.dtype)

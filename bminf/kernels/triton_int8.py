@@ -17,7 +17,18 @@ MAX_ROWS = 64
 # Each launch of a Triton kernel costs tens of microseconds of Python on the host, more than the
 # few eager kernels of the portable path; below this many weight elements the GPU time it saves
 # does not pay for that. BMINF_TRITON_MIN_NUMEL overrides it (0: always; a huge number: never).
-MIN_NUMEL = int(os.environ.get("BMINF_TRITON_MIN_NUMEL", 1 << 24))
+MIN_NUMEL = None  # read from the environment on first use
+
+
+def min_numel() -> int:
+    global MIN_NUMEL
+    if MIN_NUMEL is None:
+        value = os.environ.get("BMINF_TRITON_MIN_NUMEL", str(1 << 24))
+        try:
+            MIN_NUMEL = int(value)
+        except ValueError:
+            raise ValueError(f"BMINF_TRITON_MIN_NUMEL must be an integer, got {value!r}") from None
+    return MIN_NUMEL
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +87,7 @@ def _block_n(n: int, device: torch.device) -> int:
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
     # fp16 only: bf16 has not been checked on a GPU yet
-    return (x.is_cuda and x.dtype == torch.float16 and 0 < rows <= MAX_ROWS and weight.numel() >= MIN_NUMEL
+    return (x.is_cuda and x.dtype == torch.float16 and 0 < rows <= MAX_ROWS and weight.numel() >= min_numel()
             and weight.is_cuda and weight.is_contiguous() and available())
 
 
