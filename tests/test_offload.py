@@ -329,3 +329,11 @@ def test_load_state_dict_reaches_streamed_blocks_already_in_a_slot():
         for block in ref:
             want = block(want)
         assert layers.streamed_blocks and torch.equal(layers(x), want)
+
+
+def test_devices_as_a_tuple_or_with_a_malformed_entry():
+    blocks = [nn.Linear(8, 8) for _ in range(4)]
+    layers = TransformerBlockList(copy.deepcopy(blocks), ("cpu", "cpu"), memory_limit=4096, reserve=0)
+    assert len(layers._parts) == 2
+    with pytest.raises(ValueError, match=r"device entry \('cpu', 1, 2\): expected a device or a \(device, memory_limit\) pair"):
+        TransformerBlockList(copy.deepcopy(blocks), [("cpu", 1, 2)], memory_limit=4096)

@@ -227,3 +227,9 @@ def test_encoder_decoder_shares_one_budget_and_prefers_the_decoder():
     model = wrapper(model, quantization=False, memory_limit=limit, device="cpu", reserve=0)
     assert model.decoder.block.streamed_blocks == []
     assert model.encoder.block.streamed_blocks == [0, 1, 2, 3, 4, 5]
+
+
+def test_bminf_wrapper_stays_callable_after_importing_its_module():
+    import bminf
+    import bminf.wrapping  # noqa: F401  (a submodule import must not shadow the function)
+    assert callable(bminf.wrapper) and bminf.wrapper is bminf.wrapping.wrapper
