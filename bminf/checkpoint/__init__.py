@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from . import bminf_format
-from .common import (CheckpointError, architecture_of, cast_floats_, check_config, dequantize_, float_dtype,
-                     is_quantized, preset_config)
+from .common import (CheckpointError, architecture_of, cast_floats_, check_preset, dequantize_, float_dtype,
+                     is_quantized)
 from .hf import is_hf_dir, load_hf_gpt, save_hf_gpt
 from .safetensors_format import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
 from ..quantization import quantize_
@@ -103,10 +103,7 @@ def load_model(path: Union[str, os.PathLike], preset: Optional[str] = None, quan
     else:
         model = load_hf_gpt(target, quantize=quantize is not False)
         if preset is not None:
-            arch, cfg = preset_config(preset)
-            if arch != "gpt":
-                raise CheckpointError(f"{target}: HF checkpoints here are CPM-1 (gpt); preset {preset!r} is {arch}")
-            check_config(model.config, cfg, target, f"preset {preset!r}")
+            check_preset("gpt", model.config, preset, target)
     if quantize is True and is_quantized(model) is not True:
         quantize_(model)
     elif quantize is False and is_quantized(model) is not False:

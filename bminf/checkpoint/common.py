@@ -69,6 +69,14 @@ def check_config(config, expected, path: str, what: str) -> None:
         raise CheckpointError(f"{path}: config differs from the {what}: " + "; ".join(diff))
 
 
+def check_preset(arch: str, config, preset: str, path: str) -> None:
+    """Raise unless ``preset`` is of architecture ``arch`` and equals ``config`` field by field."""
+    preset_arch, preset_cfg = preset_config(preset)
+    if preset_arch != arch:
+        raise CheckpointError(f"{path}: holds a {arch} model, but preset {preset!r} is {preset_arch}")
+    check_config(config, preset_cfg, path, f"preset {preset!r}")
+
+
 def resolve_config(arch: str, inferred: dict, path: str, preset: Optional[str] = None, config=None):
     """Complete the fields a checkpoint's shapes tell (``inferred``) from ``config``, a preset, or
     the one preset of ``arch`` they match; any disagreement is an error naming the field."""

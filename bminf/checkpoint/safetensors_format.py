@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .common import (ARCHITECTURES, INT8_SCHEME, CheckpointError, architecture_of, build_model, check_config,
+from .common import (ARCHITECTURES, INT8_SCHEME, CheckpointError, architecture_of, build_model, check_preset,
                      config_from_dict, copy_into, is_quantized, materialize_, preset_config, write_atomic)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "save_pretrained", "load_pretrained", "read_config"]
@@ -128,10 +128,7 @@ def load_pretrained(directory: Union[str, os.PathLike], preset: Optional[str] = 
         if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
             arch, config, quantization = read_config(directory)
             if preset is not None:
-                preset_arch, preset_cfg = preset_config(preset)
-                if preset_arch != arch:
-                    raise CheckpointError(f"{directory}: holds a {arch} model, but preset {preset!r} is {preset_arch}")
-                check_config(config, preset_cfg, os.path.join(directory, CONFIG_NAME), f"preset {preset!r}")
+                check_preset(arch, config, preset, os.path.join(directory, CONFIG_NAME))
             quantize = quantization == INT8_SCHEME
         elif preset is None:
             raise CheckpointError(f"{directory}: no {CONFIG_NAME}; pass a preset (cpm1, cpm2 or eva) to load it")
