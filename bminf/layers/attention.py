@@ -65,6 +65,19 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ~allowed, torch.finfo(dtype).min / 2)
 
 
+def causal_mask(key_mask: torch.Tensor, start: int, seq: int):
+    """Which keys each of ``seq`` new queries may see: real keys at or before its own position.
+
+    ``key_mask`` (batch, keys) marks real tokens over the whole buffer and the queries sit at
+    positions ``start .. start + seq - 1`` of it. Returns ``(allowed, query_pos, key_pos)`` with
+    ``allowed`` (batch, seq, keys) bool.
+    """
+    query_pos = torch.arange(start, start + seq, device=key_mask.device)
+    key_pos = torch.arange(key_mask.shape[1], device=key_mask.device)
+    allowed = key_mask[:, None, :] & (key_pos[None, None, :] <= query_pos[None, :, None])
+    return allowed, query_pos, key_pos
+
+
 def check_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
     """Reject ids that nn.Embedding would fail on with an opaque index error."""
     if input_ids.dim() != 2:

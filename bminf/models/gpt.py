@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import Attention, FeedForward, KVCache, additive_mask, check_ids
+from ..layers import Attention, FeedForward, KVCache, additive_mask, causal_mask, check_ids
 
 
 @dataclass
@@ -100,9 +100,7 @@ class GPT(nn.Module):
             key_mask = cache.begin(mask)
         x = x + self.position_embedding(positions)
 
-        query_index = torch.arange(start, start + seq, device=x.device)
-        key_index = torch.arange(key_mask.shape[1], device=x.device)
-        allowed = key_mask[:, None, :] & (key_index[None, None, :] <= query_index[None, :, None])
+        allowed, _, _ = causal_mask(key_mask, start, seq)
         bias = additive_mask(allowed, x.dtype)[:, None]  # (batch, 1, seq, keys)
 
         for i, block in enumerate(self.layers):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import (Attention, CrossKVCache, GatedFeedForward, KVCache, RelativePositionBias, RMSNorm,
-                      additive_mask, check_ids)
+                      additive_mask, causal_mask, check_ids)
 
 
 @dataclass
@@ -159,9 +159,7 @@ class T5(nn.Module):
         if encoder_mask is None:
             encoder_mask = torch.ones(encoder_output.shape[:2], dtype=torch.bool, device=x.device)
 
-        query_pos = torch.arange(start, start + seq, device=x.device)
-        key_pos = torch.arange(key_mask.shape[1], device=x.device)
-        allowed = key_mask[:, None, :] & (key_pos[None, None, :] <= query_pos[None, :, None])
+        allowed, query_pos, key_pos = causal_mask(key_mask, start, seq)
         self_bias = self.position_bias_dec(query_pos, key_pos)[None].to(x.dtype) + additive_mask(allowed, x.dtype)[:, None]
         cross_bias = additive_mask(encoder_mask.to(x.device, torch.bool), x.dtype)[:, None, None, :]
 
