@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .offload import DeviceSpec, TransformerBlockList, _devices, place_block_lists
+from .offload import DeviceSpec, TransformerBlockList, place_block_lists
+from .offload.place import resolve_devices
 from .quantization import QuantizedLinear, quantize_weight
 
 __all__ = ["wrapper", "WrapperWarning"]
@@ -144,7 +145,7 @@ def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Optional[
 
     ``memory_limit`` covers everything allocated on the device (non-block weights, resident blocks,
     streaming slots, activations and KV cache): ``reserve`` bytes are kept for the last two (see
-    ``bminf.offload_plan.default_reserve`` for the default). ``device`` may list several devices to
+    ``bminf.offload.plan.default_reserve`` for the default). ``device`` may list several devices to
     split the blocks across. Cast the model to its run dtype (e.g. ``.half()``) before wrapping.
 
     >>> net = nn.Sequential(nn.Linear(8, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]))
@@ -157,7 +158,7 @@ def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Optional[
     if quantization and _quantize(model, report, undo) == 0:
         report.append("quantization=True but no nn.Linear (or Conv1D) was found to quantize")
 
-    devices = _devices(device, memory_limit)
+    devices = resolve_devices(device, memory_limit)
     lists = _find_lists(model, "", report)
     # blocks must not share tensors with the rest of the model: such lists stay resident
     outside = {}

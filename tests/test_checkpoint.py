@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from bminf.__main__ import main
+from bminf.cli import main
 from bminf.checkpoint import (CheckpointError, bminf_format, detect_format, load_model, load_pretrained, save_model,
                               save_pretrained)
 from bminf.checkpoint.common import build_model, preset_config

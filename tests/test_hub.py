@@ -4,11 +4,9 @@ After every test the `cache` fixture checks the invariant: a file at its final n
 published bytes (never a truncated or corrupted copy), a .meta agrees with its file, and a .part kept
 for resuming is a true prefix of the published bytes.
 """
-import argparse
 import builtins
 import errno
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -26,7 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 import bminf.data
-from bminf import hub, hub_download
+from bminf import cli, hub
+from bminf.hub import fetch as hub_fetch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = "cpm1-new"
@@ -171,7 +170,7 @@ def server():
 def _isolated(monkeypatch):
     for name in ("BMINF_SOURCE", "BMINF_CACHE", "BMINF_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(hub_download, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(hub_fetch, "RETRY_BACKOFF_S", 0.01)
     yield
     hub.set_source(None)
     hub.set_cache_path(None)
@@ -243,13 +242,13 @@ def test_force_keeps_the_cached_file_until_its_replacement_is_verified(server, c
     server.faults[CKPT_PATH] = Fault(status=404)
     with pytest.raises(hub.DownloadError):
         get(server, cache, force=True)
-    assert read(path) == good and hub_download.is_verified(path, None)
+    assert read(path) == good and hub_fetch.is_verified(path, None)
 
 
 def test_no_sha256_on_server_checks_size(server, cache):
     del server.files[CKPT_PATH + ".sha256"]  # a 404 for it means "unknown", not an error
     assert read(get(server, cache)) == server.files[CKPT_PATH]
-    meta = hub_download.read_meta(final(cache))
+    meta = hub_fetch.read_meta(final(cache))
     assert meta["sha256"] == hashlib.sha256(server.files[CKPT_PATH]).hexdigest()
 
 
@@ -520,8 +519,8 @@ def test_full_disk_mid_write_is_enospc(server, cache):
 
 
 def test_not_enough_free_space_fails_before_writing(server, cache, monkeypatch):
-    usage = hub_download.shutil.disk_usage
-    monkeypatch.setattr(hub_download.shutil, "disk_usage", lambda p: usage(p)._replace(free=1000))
+    usage = hub_fetch.shutil.disk_usage
+    monkeypatch.setattr(hub_fetch.shutil, "disk_usage", lambda p: usage(p)._replace(free=1000))
     with pytest.raises(OSError, match="no space left") as info:
         get(server, cache)
     assert info.value.errno == errno.ENOSPC and "200000 bytes needed, 1000 free" in str(info.value)
@@ -580,7 +579,7 @@ def test_existing_complete_file_is_checked_by_head_not_downloaded(server, cache)
         f.write(server.files[CKPT_PATH])
     assert get(server, cache) == final(cache)
     assert server.requests(CKPT_PATH, "HEAD") == [None] and server.requests(CKPT_PATH) == []
-    assert hub_download.is_verified(final(cache))
+    assert hub_fetch.is_verified(final(cache))
     server.log.clear()
     get(server, cache)
     assert server.log == []
@@ -655,20 +654,17 @@ def test_unknown_version_or_file_lists_what_exists(cache):
 # ---------------------------------------------------------------- command line
 
 
-def _parse(add, argv):
-    parser = argparse.ArgumentParser()
-    add(parser)
-    return parser.parse_args(argv)
+def _cli(*argv):
+    return cli.main(list(argv))
 
 
 def test_cli_download_and_list(server, cache, capsys):
     server.faults[CKPT_PATH] = Fault(drop_after=0, drop_times=1)  # the CLI resumes too
-    args = _parse(hub.add_download_arguments, [V, "--source", server.url, "--cache-dir", cache, "--no-progress"])
-    assert hub.run_download(args) == 0
+    assert _cli("download", V, "--source", server.url, "--cache-dir", cache, "--no-progress") == 0
     assert capsys.readouterr().out.strip() == f"{V}: {os.path.join(cache, V)}"
     with open(final(cache) + ".part", "wb") as f:  # a left-over partial file of a later forced run
         f.write(server.files[CKPT_PATH][:10])
-    assert hub.run_list(_parse(hub.add_list_arguments, ["--cache-dir", cache])) == 0
+    assert _cli("list", "--cache-dir", cache) == 0
     out = capsys.readouterr().out
     assert f"cache:  {cache}" in out
     assert re.search(r"cpm1-new\n  checkpoint.pt +195.3 KiB  verified\n", out)
@@ -677,18 +673,26 @@ def test_cli_download_and_list(server, cache, capsys):
 
 
 def test_cli_download_reports_errors_without_traceback(server, cache, capsys):
-    args = _parse(hub.add_download_arguments, ["cpm9", "--cache-dir", cache])
-    assert hub.run_download(args) == 1
-    assert capsys.readouterr().err.startswith("error: unknown model version 'cpm9'")
+    assert _cli("download", "cpm9", "--cache-dir", cache) == 1
+    assert capsys.readouterr().err.startswith("bminf download: error: unknown model version 'cpm9'")
     server.faults[CKPT_PATH] = Fault(status=404)
-    args = _parse(hub.add_download_arguments, [V, "--source", server.url, "--cache-dir", cache, "--no-progress"])
-    assert hub.run_download(args) == 1
+    assert _cli("download", V, "--source", server.url, "--cache-dir", cache, "--no-progress") == 1
     assert "404" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bminf.checkpoint.convert") is None,
-                    reason="bminf.__main__ also needs bminf.checkpoint.convert")
 def test_python_m_bminf_download(server, cache):
-    from bminf.__main__ import main
-    assert main(["download", V, "--source", server.url, "--cache-dir", cache, "--no-progress"]) == 0
+    env = dict(os.environ, PYTHONPATH=REPO)
+    run = subprocess.run([sys.executable, "-m", "bminf", "download", V, "--source", server.url, "--cache-dir", cache,
+                          "--no-progress"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
     assert read(final(cache)) == server.files[CKPT_PATH]
+
+
+def test_hub_commands_do_not_import_torch(server, cache):
+    code = ("import sys; from bminf.cli import main; "
+            f"main(['download', {V!r}, '--source', {server.url!r}, '--cache-dir', {cache!r}, '--no-progress']); "
+            f"main(['list', '--cache-dir', {cache!r}]); print('torch' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "False"

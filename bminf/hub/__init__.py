@@ -10,18 +10,16 @@ Files live at ``<source><version>/<file>`` and are cached at ``<cache>/<version>
 layout as BMInf 1.x, so its downloads are reused. Each setting is taken from, in order: the argument
 of the call, the setter (``set_source``, ``set_cache_path``, ``set_offline``), the environment
 (``BMINF_SOURCE``, ``BMINF_CACHE``, ``BMINF_OFFLINE`` = 1/true/yes), the default.
-A cached file that bminf verified is used with no network call at all; see ``bminf.hub_download``
+A cached file that bminf verified is used with no network call at all; see ``bminf.hub.fetch``
 for how downloads resume and are verified.
 """
-import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from bminf import hub_download
-from bminf.hub_download import DownloadError, IntegrityError, SourceUnreachableError, Timeouts
+from . import fetch
+from .fetch import DownloadError, IntegrityError, SourceUnreachableError, Timeouts
 
 __all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError", "IntegrityError",
            "SourceUnreachableError", "set_source", "get_source", "set_cache_path", "get_cache_path", "set_offline",
@@ -173,12 +171,12 @@ def ensure_file(version: str, filename: str, *, source: Optional[str] = None, ca
         if os.path.isfile(dest):
             return dest
         raise _not_cached(version, filename, dest, source, "offline mode is on (BMINF_OFFLINE / set_offline)")
-    if not force and hub_download.is_verified(dest, remote.sha256):
+    if not force and fetch.is_verified(dest, remote.sha256):
         return dest
     if not source.startswith(("http://", "https://")):
         raise ValueError(f"source {source!r} is not an http(s) URL (set by BMINF_SOURCE or set_source)")
     try:
-        return hub_download.fetch(
+        return fetch.fetch(
             source + version + "/" + filename, dest,
             lock_path=os.path.join(os.path.dirname(os.path.dirname(dest)), ".locks", version, filename + ".lock"),
             sha256=remote.sha256, size=remote.size, force=force, timeout=timeout, retries=retries,
@@ -251,64 +249,6 @@ def list_cached(cache_dir: Optional[str] = None) -> List[CachedFile]:
             if name.endswith(".part"):
                 name, status = name[:-len(".part")], "partial"
             else:
-                status = "verified" if hub_download.is_verified(path) else "unverified"
+                status = "verified" if fetch.is_verified(path) else "unverified"
             found.append(CachedFile(version, name, path, os.path.getsize(path), status))
     return found
-
-
-# ---------------------------------------------------------------- command line (python -m bminf ...)
-
-
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
-        size /= 1024
-    return f"{size} B"
-
-
-def add_download_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("versions", nargs="+", metavar="VERSION",
-                        help=f"a released version ({', '.join(VERSIONS)})")
-    parser.add_argument("--source", help="mirror base URL (default: $BMINF_SOURCE, else the BMInf server)")
-    parser.add_argument("--cache-dir", help="cache directory (default: $BMINF_CACHE, else ~/.cache/bigmodels)")
-    parser.add_argument("--force", action="store_true", help="download again even if already cached")
-    parser.add_argument("--timeout", type=float, help="seconds to wait to connect and between reads (default 10, 60)")
-    parser.add_argument("--retries", type=int, default=5, help="attempts in a row without progress before giving up")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_download(args: argparse.Namespace) -> int:
-    for version in args.versions:
-        try:
-            directory = download(version, force=args.force, source=args.source, cache_dir=args.cache_dir,
-                                 timeout=args.timeout or DEFAULT_TIMEOUT, retries=args.retries,
-                                 progress=False if args.no_progress else None)
-        except (ValueError, OSError) as exc:  # DownloadError and NotCachedError are OSErrors
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"{version}: {directory}")
-    return 0
-
-
-def add_list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", help="cache directory (default: $BMINF_CACHE, else ~/.cache/bigmodels)")
-
-
-def run_list(args: argparse.Namespace) -> int:
-    root = os.path.abspath(os.path.expanduser(args.cache_dir or get_cache_path()))
-    cached: Dict[Tuple[str, str], List[CachedFile]] = {}
-    for f in list_cached(root):
-        cached.setdefault((f.version, f.name), []).append(f)
-    print(f"cache:  {root}\nsource: {get_source()}" + ("  (offline)" if is_offline() else ""))
-    others = sorted({version for version, _ in cached} - set(VERSIONS))
-    for version in list(VERSIONS) + others:
-        print(version + ("" if version in VERSIONS else "  (not a known version)"))
-        names = [r.name for r in VERSIONS.get(version, ())] + sorted(n for v, n in cached if v == version)
-        for name in dict.fromkeys(names):
-            for f in cached.get((version, name), []):
-                hint = f" (resume: python -m bminf download {version})" if f.status == "partial" else ""
-                print(f"  {name:<16} {_human(f.size):>10}  {f.status}{hint}")
-            if not any(f.status != "partial" for f in cached.get((version, name), [])):
-                print(f"  {name:<16} {'':>10}  not cached")
-    return 0

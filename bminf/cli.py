@@ -1,0 +1,159 @@
+"""Command line: ``python -m bminf <command> ...``, also installed as the ``bminf`` script.
+
+    bminf download cpm2.1-new            # fetch a released version into the cache
+    bminf list                           # versions, cached files and sizes
+    bminf convert SRC DST [--to hf]      # rewrite a checkpoint in another format
+
+Every subcommand is one entry of ``COMMANDS``: its help text, its arguments, and the function that
+runs it. The function imports the library modules it needs when it runs, so ``bminf list`` never
+loads torch. To add a subcommand, write ``def cmd_<name>(args) -> int`` and add its entry.
+
+>>> main(["list", "--cache-dir", "/tmp/empty-cache"])      # doctest: +SKIP
+0
+"""
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["main", "COMMANDS", "Command", "arg"]
+
+# Kept here, not imported, so that parsing needs no heavy import; tests check them against the library.
+CONVERT_FORMATS = ("bminf", "safetensors", "hf")
+CONVERT_PRESETS = ("cpm1", "cpm2", "eva", "cpm1-new", "cpm2.1-new", "eva-int8-new")
+CONVERT_DTYPES = ("float16", "float32")
+
+Arg = Tuple[Tuple[str, ...], dict]
+
+
+def arg(*flags: str, **options) -> Arg:
+    """One ``parser.add_argument(*flags, **options)`` call, written down for the table."""
+    return flags, options
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    arguments: Tuple[Arg, ...] = ()
+
+
+def _error(command: str, exc: BaseException) -> int:
+    print(f"bminf {command}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+# ---------------------------------------------------------------- hub: download, list
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from bminf import hub
+
+    for version in args.versions:
+        try:
+            directory = hub.download(version, force=args.force, source=args.source, cache_dir=args.cache_dir,
+                                     timeout=args.timeout or hub.DEFAULT_TIMEOUT, retries=args.retries,
+                                     progress=False if args.no_progress else None)
+        except (ValueError, OSError) as exc:  # DownloadError and NotCachedError are OSErrors
+            return _error("download", exc)
+        print(f"{version}: {directory}")
+    return 0
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size} B"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import os
+
+    from bminf import hub
+
+    root = os.path.abspath(os.path.expanduser(args.cache_dir or hub.get_cache_path()))
+    cached: Dict[Tuple[str, str], List[hub.CachedFile]] = {}
+    for f in hub.list_cached(root):
+        cached.setdefault((f.version, f.name), []).append(f)
+    print(f"cache:  {root}\nsource: {hub.get_source()}" + ("  (offline)" if hub.is_offline() else ""))
+    others = sorted({version for version, _ in cached} - set(hub.VERSIONS))
+    for version in list(hub.VERSIONS) + others:
+        print(version + ("" if version in hub.VERSIONS else "  (not a known version)"))
+        names = [r.name for r in hub.VERSIONS.get(version, ())] + sorted(n for v, n in cached if v == version)
+        for name in dict.fromkeys(names):
+            for f in cached.get((version, name), []):
+                hint = f" (resume: python -m bminf download {version})" if f.status == "partial" else ""
+                print(f"  {name:<16} {_human(f.size):>10}  {f.status}{hint}")
+            if not any(f.status != "partial" for f in cached.get((version, name), [])):
+                print(f"  {name:<16} {'':>10}  not cached")
+    return 0
+
+
+# ---------------------------------------------------------------- checkpoints: convert
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bminf.checkpoint.convert import convert
+    from bminf.units import parse_dtype
+
+    start = time.time()
+    try:
+        result = convert(args.src, args.dst, to=args.to, preset=args.preset, quantize=not args.no_quantize,
+                         dtype=parse_dtype(args.dtype) if args.dtype else None)
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
+        return _error("convert", exc)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"converted {args.src} ({result.src_format}) -> {result.path} ({result.format}): {result.description}, "
+          f"{time.time() - start:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------- the table
+
+_CACHE_DIR = arg("--cache-dir", help="cache directory (default: $BMINF_CACHE, else ~/.cache/bigmodels)")
+
+COMMANDS: Dict[str, Command] = {
+    "download": Command(cmd_download, "Download a released model version into the cache", (
+        arg("versions", nargs="+", metavar="VERSION", help="a released version (bminf list shows them)"),
+        arg("--source", help="mirror base URL (default: $BMINF_SOURCE, else the BMInf server)"),
+        _CACHE_DIR,
+        arg("--force", action="store_true", help="download again even if already cached"),
+        arg("--timeout", type=float, help="seconds to wait to connect and between reads (default 10, 60)"),
+        arg("--retries", type=int, default=5, help="attempts in a row without progress before giving up"),
+        arg("--no-progress", action="store_true", help="no progress bar"),
+    )),
+    "list": Command(cmd_list, "List released versions and what is cached", (_CACHE_DIR,)),
+    "convert": Command(cmd_convert, "Convert a checkpoint between formats", (
+        arg("src", help="checkpoint.pt or its directory (BMInf), a bminf directory, or an HF CPM-1 directory"),
+        arg("dst", help="output: a file ending in .pt or a directory"),
+        arg("--to", choices=CONVERT_FORMATS,
+            help="output format (default: bminf if DST ends in .pt, else safetensors)"),
+        arg("--preset", choices=CONVERT_PRESETS,
+            help="the model, for what a BMInf file cannot tell (head count, eps, max_distance)"),
+        arg("--no-quantize", action="store_true", help="keep (or make) the linears float; not possible with --to bminf"),
+        arg("--dtype", choices=CONVERT_DTYPES,
+            help="float dtype of the output (HF output: float32 unless given; bminf: float16 only)"),
+    )),
+}
+
+
+def build_parser(commands: Optional[Dict[str, Command]] = None) -> argparse.ArgumentParser:
+    """The parser for every subcommand of ``commands`` (default ``COMMANDS``)."""
+    parser = argparse.ArgumentParser(prog="bminf", description="Big pretrained Chinese language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in (commands or COMMANDS).items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        for flags, options in command.arguments:
+            p.add_argument(*flags, **options)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    return args.run(args) or 0
