@@ -1,5 +1,8 @@
 """Command line: ``python -m bminf <command> ...``, also installed as the ``bminf`` script.
 
+    bminf generate "天空是蔚蓝色，窗外有"    # CPM-1 continues a text (--model cpm2 for CPM-2)
+    bminf fill-blank "今天<span>很好"       # CPM-2 fills the blanks
+    bminf chat                           # talk with EVA (/reset, /quit)
     bminf download cpm2.1-new            # fetch a released version into the cache
     bminf list                           # versions, cached files and sizes
     bminf convert SRC DST [--to hf]      # rewrite a checkpoint in another format
@@ -42,6 +45,137 @@ class Command:
 def _error(command: str, exc: BaseException) -> int:
     print(f"bminf {command}: error: {exc}", file=sys.stderr)
     return 1
+
+
+# ---------------------------------------------------------------- models: generate, fill-blank, chat
+
+_MODEL_CLASSES = {"cpm1": "CPM1", "cpm2": "CPM2", "eva": "EVA"}
+
+
+def _load(args: argparse.Namespace, key: str):
+    """The model of ``key`` as the flags ask; without --version the release if it is cached or
+    downloadable, else the demo that ships with bminf (said in one line on stderr)."""
+    import bminf
+    from bminf.models.pretrained import available_version
+
+    version = args.version
+    if version is None:
+        version, note = available_version(key)
+        if note:
+            print(f"bminf: {note}", file=sys.stderr)
+    cls = getattr(bminf.models, _MODEL_CLASSES[key])
+    return cls(version=version, device=args.device, dtype=args.dtype, memory_limit=args.memory_limit)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags given on the command line; the rest keep the task method's defaults."""
+    names = ("max_tokens", "temperature", "top_n", "top_p", "frequency_penalty", "presence_penalty", "seed")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _stream(args: argparse.Namespace) -> bool:
+    return sys.stdout.isatty() if args.stream is None else args.stream
+
+
+def _inputs(args: argparse.Namespace) -> List[str]:
+    # the text on the command line, else one input per non-empty line of stdin
+    return [args.text] if args.text is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
+def _print_stream(pieces) -> None:
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        model = _load(args, args.model)
+        for text in _inputs(args):
+            options = dict(_sampling(args), stop_tokens=args.stop or None)
+            if _stream(args):
+                print(text, end="", flush=True)
+                _print_stream(model.generate(text, stream=True, **options))
+            else:
+                print(text + model.generate(text, **options)[0])
+    except (ValueError, TypeError, OSError) as exc:
+        return _error("generate", exc)
+    return 0
+
+
+def _filled(text: str, blanks: list, color: bool) -> str:
+    out, start = [], 0
+    for blank in blanks:
+        out.append(text[start:blank["position"]])
+        out.append(f"\033[0;32m{blank['text']}\033[0m" if color else blank["text"])
+        start = blank["position"] + len("<span>")
+    return "".join(out) + text[start:]
+
+
+def cmd_fill_blank(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        model = _load(args, "cpm2")
+        for text in _inputs(args):
+            if _stream(args):  # each blank's text as it comes, then the filled sentence
+                blanks = {}
+                for piece in model.fill_blank(text, stream=True, **_sampling(args)):
+                    blanks[piece["position"]] = blanks.get(piece["position"], "") + piece["text"]
+                    print(piece["text"], end="", flush=True)
+                print()
+                result = [{"position": p, "text": t} for p, t in blanks.items()]
+            else:
+                result = model.fill_blank(text, **_sampling(args))
+            print(json.dumps(result, ensure_ascii=False) if args.json else
+                  _filled(text, result, color=sys.stdout.isatty()))
+    except (ValueError, TypeError, OSError) as exc:
+        return _error("fill-blank", exc)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        model = _load(args, "eva")
+    except (ValueError, TypeError, OSError) as exc:
+        return _error("chat", exc)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with EVA. /reset starts over, /quit leaves.", file=sys.stderr)
+    context: List[str] = []
+    while True:
+        if interactive:
+            print("你：", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/reset":
+            context = []
+            print("(context cleared)", file=sys.stderr)
+            continue
+        context.append(line)
+        try:
+            if _stream(args):
+                print("EVA：", end="", flush=True)
+                reply = ""
+                for piece in model.dialogue(context, stream=True, **_sampling(args)):
+                    reply += piece
+                    print(piece, end="", flush=True)
+                print()
+            else:
+                reply = model.dialogue(context, **_sampling(args))[0]
+                print(f"EVA：{reply}")
+        except (ValueError, TypeError) as exc:
+            context.pop()
+            _error("chat", exc)
+            continue
+        context.append(reply)
+    return 0
 
 
 # ---------------------------------------------------------------- hub: download, list
@@ -116,7 +250,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 _CACHE_DIR = arg("--cache-dir", help="cache directory (default: $BMINF_CACHE, else ~/.cache/bigmodels)")
 
+_MODEL_ARGS = (
+    arg("--version", help="a released version (downloaded once), a demo (cpm1-demo, cpm2-demo, eva-demo), file://DIR "
+                          "or a directory; default: the release if cached or downloadable, else the demo"),
+    arg("--device", help="cpu, cuda or cuda:N (default: the current GPU, else the CPU)"),
+    arg("--dtype", help="float16, bfloat16 or float32 (default: float16 on a GPU, float32 on a CPU)"),
+    arg("--memory-limit", help="GPU memory to stay within, e.g. 6GiB: blocks that do not fit stream from host memory"),
+    arg("--max-tokens", type=int, help="most tokens to generate"),
+    arg("--temperature", type=float, help="0 = greedy; higher is more random"),
+    arg("--top-n", type=int, help="sample among the n likeliest tokens"),
+    arg("--top-p", type=float, help="sample among the likeliest tokens holding this much probability"),
+    arg("--frequency-penalty", type=float, help="lower a token's score by this much per earlier use"),
+    arg("--presence-penalty", type=float, help="lower a token's score by this much once it was used"),
+    arg("--seed", type=int, help="make sampling reproducible"),
+    arg("--stream", action=argparse.BooleanOptionalAction, default=None,
+        help="print text as it is generated (default: when the output is a terminal)"),
+)
+_TEXT = arg("text", nargs="?", help="the input; without it, one input per line of stdin")
+
 COMMANDS: Dict[str, Command] = {
+    "generate": Command(cmd_generate, "Continue a text with CPM-1 (or CPM-2)", (
+        _TEXT, arg("--model", choices=("cpm1", "cpm2"), default="cpm1", help="which model (default cpm1)"),
+        arg("--stop", action="append", metavar="TEXT", help="end the text before this string (repeatable)"),
+    ) + _MODEL_ARGS),
+    "fill-blank": Command(cmd_fill_blank, "Fill the <span> blanks of a text with CPM-2", (
+        _TEXT, arg("--json", action="store_true", help="print the blanks as JSON instead of the filled text"),
+    ) + _MODEL_ARGS),
+    "chat": Command(cmd_chat, "Talk with EVA, one utterance per line (/reset starts over, /quit leaves)",
+                    _MODEL_ARGS),
     "download": Command(cmd_download, "Download a released model version into the cache", (
         arg("versions", nargs="+", metavar="VERSION", help="a released version (bminf list shows them)"),
         arg("--source", help="mirror base URL (default: $BMINF_SOURCE, else the BMInf server)"),

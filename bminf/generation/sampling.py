@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["SamplingParams", "penalize", "keep_top_n", "keep_top_p", "sample", "count_ids"]
+__all__ = ["SamplingParams", "penalize", "keep_top_n", "keep_top_p", "scores", "distribution", "sample", "count_ids"]
 
 
 @dataclass
@@ -135,6 +135,39 @@ def keep_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
+def scores(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.Tensor] = None,
+           filtered: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Float32 (batch, vocab) scores after temperature, penalties and filtered ids (``-inf``).
+
+    >>> scores(torch.tensor([[1.0, 2.0]]), SamplingParams(temperature=0.5)).tolist()
+    [[2.0, 4.0]]
+    """
+    z = logits.float()
+    if not params.greedy:
+        z = z / params.temperature
+    if counts is not None:
+        z = penalize(z, counts, params.frequency_penalty, params.presence_penalty)
+    if filtered is not None:
+        z = z.masked_fill(filtered, float("-inf"))
+    return z
+
+
+def distribution(z: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The (batch, vocab) probabilities one token is drawn from: softmax of the scores ``z`` over what
+    top-n and then top-p keep, renormalized.
+
+    >>> distribution(torch.tensor([[0.0, 0.0, -1e9]]), SamplingParams(temperature=1)).tolist()
+    [[0.5, 0.5, 0.0]]
+    """
+    if params.top_n is not None and params.top_n < z.shape[-1]:
+        z = z.masked_fill(~keep_top_n(z, params.top_n), float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    if params.top_p is not None and params.top_p < 1:
+        probs = probs * keep_top_p(probs, params.top_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.Tensor] = None,
            filtered: Optional[torch.Tensor] = None, generators: Optional[List[torch.Generator]] = None,
            ) -> torch.Tensor:
@@ -146,21 +179,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.
     >>> sample(torch.tensor([[0.0, 3.0, 1.0]]), SamplingParams(temperature=0)).tolist()
     [1]
     """
-    z = logits.float()
-    if counts is not None:
-        z = penalize(z, counts, params.frequency_penalty, params.presence_penalty) if params.greedy else \
-            penalize(z / params.temperature, counts, params.frequency_penalty, params.presence_penalty)
-    elif not params.greedy:
-        z = z / params.temperature
-    if filtered is not None:
-        z = z.masked_fill(filtered, float("-inf"))
+    z = scores(logits, params, counts, filtered)
     if params.greedy:
         return z.argmax(-1)
-    if params.top_n is not None and params.top_n < z.shape[-1]:
-        z = z.masked_fill(~keep_top_n(z, params.top_n), float("-inf"))
-    probs = torch.softmax(z, dim=-1)
-    if params.top_p is not None:
-        probs = probs * keep_top_p(probs, params.top_p)
+    probs = distribution(z, params)
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     for row in range(z.shape[0]):  # one generator per row: a row's draws do not depend on the others
         gen = generators[row] if generators is not None else None

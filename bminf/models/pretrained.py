@@ -7,7 +7,7 @@ tokenizer, placing it on a device within a memory budget, and running the genera
 """
 import logging
 import os
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..generation import SamplingParams, decode
 from ..units import parse_dtype, parse_size
 
-__all__ = ["Pretrained", "EncoderDecoder", "resolve_version"]
+__all__ = ["Pretrained", "EncoderDecoder", "resolve_version", "available_version"]
 
 _log = logging.getLogger("bminf.models")
 
@@ -56,6 +56,27 @@ def resolve_version(model_key: str, version: Optional[str]) -> str:
     hint = f" ({version} belongs to another model)" if version in others else ""
     raise ValueError(f"version {version!r} is not one this model runs{hint}; use one of {', '.join(known)}, "
                      "file://DIR or a directory holding checkpoint.pt and vocab.txt")
+
+
+def available_version(model_key: str) -> Tuple[str, str]:
+    """``(version, note)``: the model's released version when it is cached or can be downloaded now,
+    else the small demo that ships with bminf, with a one-line ``note`` saying so (for demos and the CLI;
+    the model classes themselves never swap in a demo).
+
+    >>> available_version("cpm2")                                # doctest: +SKIP
+    ('cpm2-demo', 'cpm2.1-new is not cached and cannot be downloaded here (...); running the demo ...')
+    """
+    from .. import demo, hub
+
+    latest = hub.LATEST[model_key]
+    try:
+        hub.ensure_version(latest)
+        return latest, ""
+    except OSError as e:  # NotCachedError, DownloadError: offline, unreachable, or a failed download
+        reason = str(e).split(":")[0]
+        fallback = demo.DEMO_VERSIONS[model_key]
+        return fallback, (f"{latest} is not cached and cannot be downloaded here ({reason}); running {fallback}, "
+                          "the small demo checkpoint that ships with bminf")
 
 
 def _device(device_idx: Optional[int], device) -> torch.device:
