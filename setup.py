@@ -10,7 +10,7 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["bminf", "bminf.*"]),
-    package_data={"bminf": ["py.typed"]},
+    package_data={"bminf": ["py.typed"], "bminf.demo": ["README.md", "*/checkpoint.pt", "*/vocab.txt"]},
     python_requires=">=3.9",
     # torch is deliberately a floor, not a pin: install the build that matches your CUDA first.
     install_requires=[
