@@ -64,7 +64,7 @@ def available_version(model_key: str) -> Tuple[str, str]:
     the model classes themselves never swap in a demo).
 
     >>> available_version("cpm2")                                # doctest: +SKIP
-    ('cpm2-demo', 'cpm2.1-new is not cached and cannot be downloaded here (...); running the demo ...')
+    ('cpm2-demo', 'cpm2.1-new is not cached and cannot be downloaded here, so this runs cpm2-demo, ...')
     """
     from .. import demo, hub
 
@@ -72,11 +72,10 @@ def available_version(model_key: str) -> Tuple[str, str]:
     try:
         hub.ensure_version(latest)
         return latest, ""
-    except OSError as e:  # NotCachedError, DownloadError: offline, unreachable, or a failed download
-        reason = str(e).split(":")[0]
+    except OSError:  # NotCachedError, DownloadError: offline, unreachable, or a failed download
         fallback = demo.DEMO_VERSIONS[model_key]
-        return fallback, (f"{latest} is not cached and cannot be downloaded here ({reason}); running {fallback}, "
-                          "the small demo checkpoint that ships with bminf")
+        return fallback, (f"{latest} is not cached and cannot be downloaded here, so this runs {fallback}, the small "
+                          f"demo checkpoint that ships with bminf (bminf download {latest} fetches the real one)")
 
 
 def _device(device_idx: Optional[int], device) -> torch.device:
