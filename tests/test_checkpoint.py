@@ -456,6 +456,24 @@ def test_load_model_detection_and_dtype(tmp_path):
         assert torch.allclose(f(x, decoder_input_ids=y), m(x, decoder_input_ids=y), atol=1e-5)
 
 
+def test_load_and_save_take_dtype_names(tmp_path):
+    save_pretrained(int8_model("gpt"), tmp_path / "m")
+    for name, dtype in [("float16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)]:
+        m = load_model(tmp_path / "m", dtype=name)
+        assert m.token_embedding.weight.dtype == dtype and m.layers[0].ff.linear_in.scale.dtype == torch.float16
+    with pytest.raises(ValueError, match=r"dtype='int8' is not a dtype; use one of float16"):
+        load_model(tmp_path / "m", dtype="int8")
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype or its name, got int 16"):
+        load_model(tmp_path / "m", dtype=16)
+    with pytest.raises(TypeError, match="quantize must be None, True or False, got str 'yes'"):
+        load_model(tmp_path / "m", quantize="yes")
+    out = save_model(load_model(tmp_path / "m"), tmp_path / "hf", format="hf", dtype="float16")
+    assert load_model(out, quantize=False).token_embedding.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown format 'onnx'"):
+        save_model(load_model(tmp_path / "m"), tmp_path / "x", format="onnx")
+    assert not (tmp_path / "x").exists()
+
+
 def test_convert_cli_round_trips_every_format(tmp_path, capsys):
     model = int8_model("gpt")
     src = tmp_path / "orig" / "checkpoint.pt"
