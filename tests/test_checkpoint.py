@@ -309,10 +309,16 @@ def test_safetensors_config_errors(tmp_path):
     for doc, message in [({**good, "format_version": 2}, "format_version 2"),
                          ({**good, "quantization": "int4"}, "unknown quantization 'int4'"),
                          ({**good, "config": {**good["config"], "n_experts": 8}}, r"unknown fields \['n_experts'\]"),
-                         ({**good, "architecture": "bert"}, "architecture 'bert'")]:
+                         ({**good, "architecture": "bert"}, "architecture 'bert'"),
+                         ({**good, "config": {**good["config"], "n_decoder_layers": -1}},
+                          named(cfg_path, r"invalid t5 config: T5Config\.n_decoder_layers must be >= 1")),
+                         ({**good, "config": {**good["config"], "num_buckets": 7}}, "num_buckets must be even")]:
         cfg_path.write_text(json.dumps(doc))
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / "m")
+    # files written before T5Config gained max_length load with its default
+    cfg_path.write_text(json.dumps({**good, "config": {k: v for k, v in good["config"].items() if k != "max_length"}}))
+    assert load_model(tmp_path / "m").config.max_length == 2048
     cfg_path.write_text('{"format": "bminf", ')
     with pytest.raises(CheckpointError, match=named(cfg_path, "not valid JSON")):
         load_model(tmp_path / "m")
@@ -410,6 +416,9 @@ def test_hf_config_and_keys_are_checked(tmp_path):
     good = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**good, "activation_function": "relu"}))
     with pytest.raises(CheckpointError, match="activation_function 'relu'"):
+        load_model(tmp_path / "st")
+    cfg_path.write_text(json.dumps({**good, "n_layer": -2}))
+    with pytest.raises(CheckpointError, match=r"config\.json: invalid GPT-2 config: GPTConfig\.n_layers must be >= 1"):
         load_model(tmp_path / "st")
     cfg_path.write_text(json.dumps({**good, "n_layer": 4}))
     with pytest.raises(CheckpointError, match="missing: layers.3.ff.linear_in.bias"):
