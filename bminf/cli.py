@@ -15,6 +15,7 @@ loads torch. To add a subcommand, write ``def cmd_<name>(args) -> int`` and add 
 0
 """
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -204,8 +205,6 @@ def _human(size: int) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import os
-
     from bminf import hub
 
     root = os.path.abspath(os.path.expanduser(args.cache_dir or hub.get_cache_path()))
@@ -218,10 +217,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(version + ("" if version in hub.VERSIONS else "  (not a known version)"))
         names = [r.name for r in hub.VERSIONS.get(version, ())] + sorted(n for v, n in cached if v == version)
         for name in dict.fromkeys(names):
-            for f in cached.get((version, name), []):
+            files = cached.get((version, name), [])
+            for f in files:
                 hint = f" (resume: python -m bminf download {version})" if f.status == "partial" else ""
                 print(f"  {name:<16} {_human(f.size):>10}  {f.status}{hint}")
-            if not any(f.status != "partial" for f in cached.get((version, name), [])):
+            if not files:
                 print(f"  {name:<16} {'':>10}  not cached")
     return 0
 
@@ -317,4 +317,12 @@ def build_parser(commands: Optional[Dict[str, Command]] = None) -> argparse.Argu
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    return args.run(args) or 0
+    try:
+        status = args.run(args) or 0
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`bminf list | head`): stop quietly, and keep the interpreter's final
+        # flush of stdout from failing again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import fetch
+from . import fetch, verify
 from .fetch import DownloadError, IntegrityError, SourceUnreachableError, Timeouts
 
 __all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError", "IntegrityError",
@@ -72,16 +72,41 @@ class _Settings:
 _settings = _Settings()  # what the setters chose; None means "ask the environment"
 
 
+SCHEMES = ("http://", "https://", "file://")
+
+
 def _with_slash(url: str) -> str:
     return url if url.endswith("/") else url + "/"
 
 
+def _check_str(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_path(value, name: str) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(value).__name__} {value!r}")
+    return os.fspath(value)
+
+
+def _check_source(url, origin: str = "source") -> str:
+    """``url`` with a trailing slash, if it is an http(s):// URL or a file:// directory."""
+    _check_str(url, "source")
+    if not url.startswith(SCHEMES):
+        raise ValueError(f"source {url!r} (from {origin}) must start with http://, https:// or file:// "
+                         "(file://DIR: a local mirror holding DIR/<version>/<file>)")
+    return _with_slash(url)
+
+
 def set_source(url: Optional[str]) -> None:
-    """Download from ``url`` (a mirror of ``<url><version>/<file>``); None goes back to BMINF_SOURCE/default.
+    """Download from ``url`` (a mirror of ``<url><version>/<file>``: http://, https://, or file://DIR for a
+    local directory); None goes back to BMINF_SOURCE/default.
 
     >>> set_source("http://mirror.example.com/bminf")    # doctest: +SKIP
     """
-    _settings.source = None if url is None else _with_slash(url)
+    _settings.source = None if url is None else _check_source(url, "set_source")
 
 
 def get_source() -> str:
@@ -91,7 +116,7 @@ def get_source() -> str:
 
 def set_cache_path(path: Optional[str]) -> None:
     """Cache files under ``path``; None goes back to BMINF_CACHE or ``~/.cache/bigmodels``."""
-    _settings.cache_path = None if path is None else os.fspath(path)
+    _settings.cache_path = None if path is None else _check_path(path, "path")
 
 
 def get_cache_path() -> str:
@@ -102,6 +127,8 @@ def get_cache_path() -> str:
 
 def set_offline(offline: Optional[bool]) -> None:
     """True: never touch the network, use only cached files. None goes back to BMINF_OFFLINE."""
+    if offline is not None and not isinstance(offline, bool):
+        raise TypeError(f"offline must be True, False or None, got {type(offline).__name__} {offline!r}")
     _settings.offline = offline
 
 
@@ -115,9 +142,11 @@ def is_offline() -> bool:
 
 
 def _check_version(version: str) -> None:
+    _check_str(version, "version")
     if version not in VERSIONS and not version.startswith("file://"):
         raise ValueError(f"unknown model version {version!r}; known versions: {', '.join(VERSIONS)} "
-                         "(or file://DIR for a local directory)")
+                         "(or file://DIR, a local directory holding checkpoint.pt and vocab.txt; "
+                         "a mirror of all versions is a source: --source file://DIR / set_source)")
 
 
 def _lookup(version: str, filename: str) -> RemoteFile:
@@ -157,14 +186,18 @@ def ensure_file(version: str, filename: str, *, source: Optional[str] = None, ca
     cached), DownloadError/IntegrityError (the source failed or sent wrong bytes; nothing is left at
     the final name), PermissionError/OSError (the cache directory cannot be written or is full).
     """
+    _check_str(version, "version")
+    _check_str(filename, "filename")
     if version.startswith("file://"):
         path = os.path.join(_local_dir(version), filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{version}: no file {filename} at {path}")
         return path
     remote = _lookup(version, filename)
-    source = _with_slash(source) if source else get_source()
-    dest = os.path.join(os.path.abspath(os.path.expanduser(cache_dir or get_cache_path())), version, filename)
+    source = _check_source(source, "the source argument") if source is not None else \
+        _check_source(get_source(), "set_source" if _settings.source else "BMINF_SOURCE")
+    cache_dir = get_cache_path() if cache_dir is None else _check_path(cache_dir, "cache_dir")
+    dest = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), version, filename)
     if offline if offline is not None else is_offline():
         if force:
             raise ValueError("force=True needs the network, but offline mode is on")
@@ -173,14 +206,17 @@ def ensure_file(version: str, filename: str, *, source: Optional[str] = None, ca
         raise _not_cached(version, filename, dest, source, "offline mode is on (BMINF_OFFLINE / set_offline)")
     if not force and fetch.is_verified(dest, remote.sha256):
         return dest
-    if not source.startswith(("http://", "https://")):
-        raise ValueError(f"source {source!r} is not an http(s) URL (set by BMINF_SOURCE or set_source)")
+    lock_path = os.path.join(os.path.dirname(os.path.dirname(dest)), ".locks", version, filename + ".lock")
+    check = verify.checker(version, filename)
+    if source.startswith("file://"):
+        return fetch.copy_local(os.path.join(_local_dir(source), version, filename), dest, lock_path=lock_path,
+                                sha256=remote.sha256, force=force, progress=progress,
+                                desc=f"{version}/{filename}", check=check)
     try:
         return fetch.fetch(
             source + version + "/" + filename, dest,
-            lock_path=os.path.join(os.path.dirname(os.path.dirname(dest)), ".locks", version, filename + ".lock"),
-            sha256=remote.sha256, size=remote.size, force=force, timeout=timeout, retries=retries,
-            progress=progress, desc=f"{version}/{filename}")
+            lock_path=lock_path, sha256=remote.sha256, size=remote.size, force=force, timeout=timeout,
+            retries=retries, progress=progress, desc=f"{version}/{filename}", check=check)
     except SourceUnreachableError as exc:
         if os.path.isfile(dest) and not force:
             logger.warning("%s is unreachable; using the cached %s as it is", source, dest)
@@ -205,6 +241,8 @@ def download(version: str, files: Optional[Sequence[str]] = None, *, force: bool
     ``force`` downloads again even when cached. ``options`` are those of ``ensure_file``.
     """
     _check_version(version)
+    if isinstance(files, str) or not (files is None or isinstance(files, (list, tuple))):
+        raise TypeError(f"files must be a list of file names, got {type(files).__name__} {files!r}")
     names = files or [r.name for r in VERSIONS.get(version, ())] or list(FILES)
     paths = [ensure_file(version, name, force=force, **options) for name in names]
     return os.path.dirname(paths[0])
@@ -235,7 +273,8 @@ def list_cached(cache_dir: Optional[str] = None) -> List[CachedFile]:
     >>> [(f.version, f.name, f.status) for f in list_cached()]   # doctest: +SKIP
     [('cpm2.1-new', 'checkpoint.pt', 'verified'), ('cpm2.1-new', 'vocab.txt', 'verified')]
     """
-    root = os.path.abspath(os.path.expanduser(cache_dir or get_cache_path()))
+    cache_dir = get_cache_path() if cache_dir is None else _check_path(cache_dir, "cache_dir")
+    root = os.path.abspath(os.path.expanduser(cache_dir))
     found = []
     versions = sorted(os.listdir(root)) if os.path.isdir(root) else []
     for version in versions:

@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import requests
 import urllib3
@@ -136,22 +136,56 @@ def _write_meta(dest: str, size: int, sha256: Optional[str], url: str) -> None:
         os.replace(tmp, meta_path(dest))
 
 
+def _remove_empty_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:  # not empty (a .part kept for resuming, another file), or already gone
+        pass
+
+
 @contextmanager
 def _locked(lock_path: str, what: str):
-    # Create the lock file ourselves first: FileLock's own error for a read-only directory is less clear.
-    with _writing(lock_path):
-        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0.5)
-    except Timeout:
-        logger.warning("waiting for another process that is downloading %s (lock %s)", what, lock_path)
-        lock.acquire()
+    """Hold the lock file ``lock_path``; remove it (and its empty directories) when done.
+
+    The holder deletes the file before releasing it, so a process that was waiting may end up
+    holding a lock on a file that no longer has the name: it compares inodes and locks again."""
+    while True:
+        # Create the lock file ourselves first: FileLock's own error for a read-only directory is less clear.
+        with _writing(lock_path):
+            os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # another process removed the empty lock directory just now
+                continue
+        lock = FileLock(lock_path)
+        try:
+            try:
+                lock.acquire(timeout=0.5)
+            except Timeout:
+                logger.warning("waiting for another process that is downloading %s (lock %s)", what, lock_path)
+                lock.acquire()
+        except FileNotFoundError:  # the holder removed the lock file and its directory: start again
+            os.close(fd)
+            continue
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        finally:
+            os.close(fd)
+        if same:
+            break
+        lock.release()
     try:
         yield
     finally:
+        try:
+            os.remove(lock_path)  # while still held: see above
+        except OSError:  # Windows cannot remove an open file; the empty file stays, harmless
+            pass
         lock.release()
+        _remove_empty_dir(os.path.dirname(lock_path))                   # .locks/<version>
+        _remove_empty_dir(os.path.dirname(os.path.dirname(lock_path)))  # .locks
 
 
 # ---------------------------------------------------------------- network
@@ -196,7 +230,7 @@ def _parse_content_range(value: str) -> Tuple[Optional[int], Optional[int]]:
 
 
 def _adopt_existing(session, url: str, dest: str, part: str, sha256: Optional[str], timeout: Timeouts,
-                    progress: Optional[bool]) -> bool:
+                    progress: Optional[bool], check: Optional[Callable[[str], None]] = None) -> bool:
     """A file at ``dest`` that we did not verify (BMInf 1.x download, manual copy): keep, resume or drop it.
 
     Returns True when ``dest`` is to be used as it is. BMInf 1.x wrote straight to the final name, so a
@@ -216,10 +250,16 @@ def _adopt_existing(session, url: str, dest: str, part: str, sha256: Optional[st
     local, remote = os.path.getsize(dest), int(length)
     if local == remote:
         digest = _sha256_of(dest, progress=progress).hexdigest() if sha256 else None
-        if digest == sha256:
+        problem = None if digest == sha256 else "does not match the sha256 of"
+        if problem is None and check is not None:
+            try:
+                check(dest)
+            except ValueError as exc:
+                problem = f"is the size of, but not a copy of ({exc})"
+        if problem is None:
             _write_meta(dest, local, digest, url)
             return True
-        logger.warning("%s does not match the sha256 of %s; downloading it again", dest, url)
+        logger.warning("%s %s %s; downloading it again", dest, problem, url)
     elif local < remote and _size(part) < local:
         logger.warning("%s is incomplete (%d of %d bytes); resuming it", dest, local, remote)
         with _writing(part):
@@ -296,39 +336,77 @@ def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_a
 
 def fetch(url: str, dest: str, *, lock_path: str, sha256: Optional[str] = None, size: Optional[int] = None,
           force: bool = False, timeout: Timeouts = (10.0, 60.0), retries: int = 5,
-          progress: Optional[bool] = None, desc: str = "") -> str:
+          progress: Optional[bool] = None, desc: str = "", check: Optional[Callable[[str], None]] = None) -> str:
     """Download ``url`` to ``dest`` unless a verified copy is there; returns ``dest``.
 
-    ``sha256``/``size`` are known values (the registry's); without a sha256, ``<url>.sha256`` is asked for.
-    Dropped connections resume with HTTP Range; ``retries`` bounds consecutive attempts that add no bytes.
+    ``sha256``/``size`` are known values (the registry's); without a sha256, ``<url>.sha256`` is asked for
+    first, before anything is created in the cache. ``check(path)`` raises ValueError when the complete
+    file is not what it should be (see ``bminf.hub.verify``). Dropped connections resume with HTTP Range;
+    ``retries`` bounds consecutive attempts that add no bytes.
     Raises SourceUnreachableError (no connection at all, nothing changed), DownloadError (a partial
     ``.part`` may stay for resuming), IntegrityError (the ``.part`` is deleted), or OSError/PermissionError
-    naming the cache directory.
+    naming the cache directory. A failure leaves no empty directory and no lock file behind.
     """
     part = dest + ".part"
-    with _writing(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with _locked(lock_path, desc or dest), requests.Session() as session:
-        if force:
-            _remove(part)  # the cached file stays until its replacement is complete and verified
-        elif is_verified(dest, sha256):
-            return dest  # another process finished it while we waited for the lock
+    known_sha256 = sha256
+    with requests.Session() as session:
         # "answered": whether the source has replied, which tells "unreachable" from "transfer failed"
         answered = sha256 is None or os.path.isfile(dest)
         if sha256 is None:
             sha256 = remote_sha256(session, url, timeout, retries)
-        if not force and os.path.isfile(dest) and _adopt_existing(session, url, dest, part, sha256, timeout, progress):
+        with _locked(lock_path, desc or dest), _in_directory(dest):
+            if force:
+                _remove(part)  # the cached file stays until its replacement is complete and verified
+            elif is_verified(dest, known_sha256):
+                return dest  # another process finished it while we waited for the lock
+            if not force and os.path.isfile(dest) and _adopt_existing(session, url, dest, part, sha256, timeout,
+                                                                      progress, check):
+                return dest
+            state = {"answered": answered, "size": size, "total": None, "hasher": None, "hashed": -1,
+                     "error": "", "progress": progress}
+            bar_args = dict(unit="B", unit_scale=True, unit_divisor=1024, desc=f"Downloading {desc}",
+                            disable=None if progress is None else not progress)
+            try:
+                _transfer(session, url, part, state, timeout, retries, bar_args)
+            finally:
+                if state.get("bar") is not None:
+                    state["bar"].close()
+            return _finish(url, dest, part, sha256, state, check)
+
+
+def copy_local(src: str, dest: str, *, lock_path: str, sha256: Optional[str] = None, force: bool = False,
+               progress: Optional[bool] = None, desc: str = "", check: Optional[Callable[[str], None]] = None) -> str:
+    """Copy ``src`` (a file of a ``file://`` mirror) into the cache with the checks of a download.
+
+    The digest is the registry's ``sha256``, else the one in ``<src>.sha256`` if present.
+    """
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"the mirror has no {os.path.basename(src)}: {src} does not exist")
+    if sha256 is None and os.path.isfile(src + ".sha256"):
+        with open(src + ".sha256", encoding="utf-8") as f:
+            token = (f.read().split() or [""])[0]
+        sha256 = token.lower() if _SHA256_RE.match(token) else None
+    with _locked(lock_path, desc or dest), _in_directory(dest):
+        if not force and is_verified(dest, sha256):
             return dest
-        state = {"answered": answered, "size": size, "total": None, "hasher": None, "hashed": -1,
-                 "error": "", "progress": progress}
-        bar_args = dict(unit="B", unit_scale=True, unit_divisor=1024, desc=f"Downloading {desc}",
-                        disable=None if progress is None else not progress)
-        try:
-            _transfer(session, url, part, state, timeout, retries, bar_args)
-        finally:
-            if state.get("bar") is not None:
-                state["bar"].close()
-        return _finish(url, dest, part, sha256, state)
+        part = dest + ".part"
+        with _writing(part):
+            shutil.copyfile(src, part)
+        state = {"total": _size(src), "hasher": None, "hashed": -1, "progress": progress}
+        return _finish("file://" + src, dest, part, sha256, state, check)
+
+
+@contextmanager
+def _in_directory(dest: str):
+    """Create ``dest``'s directory; if the step fails and leaves it empty, remove it again."""
+    directory = os.path.dirname(dest)
+    with _writing(dest):
+        os.makedirs(directory, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        _remove_empty_dir(directory)
+        raise
 
 
 def _transfer(session, url, part, state, timeout, retries, bar_args) -> None:
@@ -363,7 +441,8 @@ def _transfer(session, url, part, state, timeout, retries, bar_args) -> None:
     raise DownloadError(f"download of {url} failed after {retries} retries: {state['error']}{kept}")
 
 
-def _finish(url: str, dest: str, part: str, sha256: Optional[str], state: dict) -> str:
+def _finish(url: str, dest: str, part: str, sha256: Optional[str], state: dict,
+            check: Optional[Callable[[str], None]] = None) -> str:
     received, total = _size(part), state["total"]
     if total is not None and received != total:
         _remove(part)
@@ -376,6 +455,12 @@ def _finish(url: str, dest: str, part: str, sha256: Optional[str], state: dict) 
         _remove(part)
         raise IntegrityError(f"{url}: sha256 mismatch (expected {sha256}, got {digest}); partial file deleted, "
                              "run again to download it from scratch")
+    if check is not None:
+        try:
+            check(part)
+        except ValueError as exc:
+            _remove(part)
+            raise IntegrityError(f"{url}: received {received} bytes, but {exc}; the file was deleted") from None
     with _writing(part):
         with open(part, "rb") as f:
             os.fsync(f.fileno())  # the bytes reach the disk before the name says "complete"

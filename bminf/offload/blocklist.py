@@ -21,8 +21,10 @@ grows the reserve by the excess and moves resident blocks to the host, so later 
 Limits: a block that mutates run state it is given (an HF ``DynamicCache``) repeats the mutation
 when recomputed in backward: backpropagate with ``use_cache=False`` (our backbones' caches write
 the same positions again and are safe). A list whose blocks are all resident has no wrappers, so
-only its ``forward`` checks the peak. Do not ``deepcopy`` or ``.to()`` a model after wrapping.
+only its ``forward`` checks the peak. Do not ``.to()`` a model after wrapping; ``deepcopy`` works
+only while every block is resident on one device (otherwise a clear TypeError: copy before wrapping).
 """
+import copy
 import functools
 import inspect
 import weakref
@@ -32,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .place import DeviceSpec, _DevicePart, place_block_lists
+from .place import DeviceSpec, Size, _DevicePart, place_block_lists
 from .recompute import Recompute, StreamedCall
 from .stream import BlockWeights
 
@@ -68,9 +70,13 @@ class TransformerBlockList(nn.ModuleList):
     torch.Size([1, 8])
     """
 
-    def __init__(self, blocks: Iterable[nn.Module], device: DeviceSpec = None, memory_limit: Optional[int] = None,
-                 *, reserve: Optional[int] = None, slots: int = 2, place: bool = True):
-        super().__init__(list(blocks))
+    def __init__(self, blocks: Iterable[nn.Module], device: DeviceSpec = None, memory_limit: Size = None,
+                 *, reserve: Size = None, slots: int = 2, place: bool = True):
+        blocks = list(blocks)
+        for i, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(f"blocks must be nn.Modules; item {i} is {type(block).__name__}")
+        super().__init__(blocks)
         if len(self) == 0:
             raise ValueError("TransformerBlockList needs at least one block")
         self._weights: List[BlockWeights] = []
@@ -81,6 +87,13 @@ class TransformerBlockList(nn.ModuleList):
         self.register_load_state_dict_post_hook(_forget_slots)
         if place:  # place=False: placed later, together with other lists, by place_block_lists
             place_block_lists([self], device, memory_limit, reserve=reserve, slots=slots)
+
+    def _unplace(self) -> None:
+        """Forget a placement that failed part-way (the caller restores the tensors)."""
+        for i in self._wrapped:
+            self[i].__dict__.pop("forward", None)
+        self._wrapped = set()
+        self._weights, self._parts, self._home = [], [], None
 
     # -- introspection ----------------------------------------------------------------------------
     @property
@@ -103,6 +116,23 @@ class TransformerBlockList(nn.ModuleList):
         if isinstance(idx, slice):
             return nn.ModuleList(list(self._modules.values())[idx])
         return super().__getitem__(idx)
+
+    def __deepcopy__(self, memo):
+        """A copy with blocks of its own. The forwards of streamed (or moved) blocks are closures over
+        this list, and its host buffers and slots are shared state: such a list is not copied."""
+        if self._wrapped:
+            raise TypeError("cannot deepcopy a TransformerBlockList that streams blocks from host memory or splits "
+                            "them across devices: its blocks run through this list's buffers; deepcopy the model "
+                            "before bminf.wrapper (or TransformerBlockList) and wrap the copy")
+        # every block resident on one device, nothing wrapped: a copy of the modules, resident on that
+        # device; it has no memory_limit of its own (the original's budget already counts the original)
+        blocks = [copy.deepcopy(b, memo) for b in self]
+        twin = TransformerBlockList(blocks, place=False)
+        memo[id(self)] = twin
+        twin.train(self.training)
+        if self._parts:
+            place_block_lists([twin], self._parts[0].device, reserve=0)
+        return twin
 
     def _apply(self, fn, recurse=True):
         if self._weights and any(p.streamer is not None for p in self._parts):

@@ -11,6 +11,7 @@ once for all the lists of a model, so that they share one budget.
 >>> enc.streamed_blocks, dec.streamed_blocks
 ([0, 1, 2], [])
 """
+import itertools
 import logging
 import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -18,40 +19,105 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..units import parse_size
 from .plan import MIB, Plan, plan_residency, split_contiguous
 from .stream import BlockWeights, Streamer
 
-__all__ = ["place_block_lists", "kernel_scratch", "resolve_devices", "DeviceSpec"]
+__all__ = ["place_block_lists", "kernel_scratch", "resolve_devices", "parse_device", "parse_slots",
+           "parse_reserve", "DeviceSpec", "Size"]
 
 _log = logging.getLogger("bminf")
+Size = Optional[Union[int, str]]  # bytes, or a string such as "6GiB" (bminf.units.parse_size)
 DeviceSpec = Union[None, int, str, torch.device, Sequence[Union[int, str, torch.device, Tuple]]]
 
 
 def kernel_scratch(modules: Iterable[nn.Module]) -> int:
-    """Transient bytes the portable int8 kernel needs: it materializes two fp16 copies of the
-    largest int8 weight (cast, then scaled) before the matmul."""
+    """Transient bytes the portable int8 kernel needs: it materializes two copies of the largest
+    int8 weight in the activation dtype (cast, then scaled) before the matmul. The activation dtype
+    is taken to be the widest float dtype of the blocks (fp32 norms mean fp32 activations), at least fp16."""
+    modules = list(modules)
     largest = max((t.numel() for m in modules for t in m.parameters() if t.dtype == torch.int8), default=0)
-    return 2 * 2 * largest
+    width = max((t.element_size() for m in modules for t in itertools.chain(m.parameters(), m.buffers())
+                 if t.is_floating_point()), default=2)
+    return 2 * max(width, 2) * largest
 
 
 def _is_pair(item) -> bool:
-    return isinstance(item, tuple) and len(item) == 2 and (item[1] is None or isinstance(item[1], int))
+    """``(device, memory_limit)``: a limit is None, an int or a size string ("4GiB"; devices never start with a digit)."""
+    if not (isinstance(item, tuple) and len(item) == 2):
+        return False
+    limit = item[1]
+    return limit is None or (isinstance(limit, int) and not isinstance(limit, bool)) or \
+        (isinstance(limit, str) and limit.strip()[:1].isdigit())
 
 
-def resolve_devices(device: DeviceSpec, memory_limit: Optional[int]) -> List[Tuple[torch.device, Optional[int]]]:
+def parse_device(item) -> torch.device:
+    """A ``torch.device`` from a device, its name, or a CUDA index (BMInf 2.0 style), with errors naming ``device``.
+
+    >>> parse_device(0), parse_device("cpu")
+    (device(type='cuda', index=0), device(type='cpu'))
+    """
+    if isinstance(item, torch.device):
+        return item
+    if isinstance(item, int) and not isinstance(item, bool):
+        if item < 0:
+            raise ValueError(f"device={item}: a CUDA device index must be >= 0")
+        return torch.device("cuda", item)
+    if not isinstance(item, str):
+        raise TypeError(f"device must be a device ('cuda:0', 0, 'cpu', a torch.device), a list of them or of "
+                        f"(device, memory_limit) pairs, got {type(item).__name__} {item!r}")
+    try:
+        return torch.device(item)
+    except RuntimeError:
+        raise ValueError(f"device={item!r} is not a device; use e.g. 'cuda:0', 'cuda', 0 or 'cpu'") from None
+
+
+def _check_available(dev: torch.device) -> torch.device:
+    """Fail before anything moves when the device does not exist here; give a bare 'cuda' its index."""
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={str(dev)!r}: CUDA is not available on this machine (torch.cuda.is_available() "
+                         "is False); use device='cpu', or install the torch build for your CUDA")
+    if dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(dev)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def parse_slots(slots) -> int:
+    if isinstance(slots, bool) or not isinstance(slots, int):
+        raise TypeError(f"slots must be an int >= 1, got {type(slots).__name__} {slots!r}")
+    if slots < 1:
+        raise ValueError(f"slots must be an int >= 1, got {slots}")
+    return slots
+
+
+def parse_reserve(reserve) -> Optional[int]:
+    return None if reserve is None else parse_size(reserve, "reserve", allow_zero=True)
+
+
+def resolve_devices(device: DeviceSpec, memory_limit: Size = None) -> List[Tuple[torch.device, Optional[int]]]:
+    """``[(device, limit in bytes)]`` from any ``device`` spec; checks that each device exists here.
+
+    >>> resolve_devices([("cpu", "1KiB"), "cpu"], "2KiB")
+    [(device(type='cpu'), 1024), (device(type='cpu'), 2048)]
+    """
+    memory_limit = None if memory_limit is None else parse_size(memory_limit, "memory_limit")
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     # a list or tuple holds several devices or (device, limit) pairs; a pair or anything else is one device
     items = list(device) if isinstance(device, (list, tuple)) and not _is_pair(device) else [device]
+    if not items:
+        raise ValueError(f"device is an empty {type(device).__name__}: give at least one device")
     out = []
     for item in items:
         if isinstance(item, tuple) and not _is_pair(item):
             raise ValueError(f"device entry {item!r}: expected a device or a (device, memory_limit) pair")
         dev, limit = item if isinstance(item, tuple) else (item, memory_limit)
-        dev = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        out.append((dev, limit))
+        limit = None if limit is None else parse_size(limit, f"memory_limit of device {dev!r}")
+        out.append((_check_available(parse_device(dev)), limit))
     return out
 
 
@@ -152,7 +218,7 @@ class _DevicePart:
 
 
 def place_block_lists(lists: Sequence["TransformerBlockList"], device: DeviceSpec = None,
-                      memory_limit: Optional[int] = None, *, reserve: Optional[int] = None, slots: int = 2,
+                      memory_limit: Size = None, *, reserve: Size = None, slots: int = 2,
                       priorities: Optional[Sequence[int]] = None) -> None:
     """Place several block lists under one budget (e.g. an encoder and a decoder).
 
@@ -166,14 +232,22 @@ def place_block_lists(lists: Sequence["TransformerBlockList"], device: DeviceSpe
     >>> enc.streamed_blocks, dec.streamed_blocks
     ([0, 1, 2], [])
     """
+    # every check comes before the first change, and a failure after it (pinned memory running out)
+    # puts every tensor back, so a failed call leaves the blocks exactly as they were
     priorities = [0] * len(lists) if priorities is None else list(priorities)
+    if len(priorities) != len(lists):
+        raise ValueError(f"priorities: one per list, got {len(priorities)} for {len(lists)} lists")
     devices = resolve_devices(device, memory_limit)
+    reserve, slots = parse_reserve(reserve), parse_slots(slots)
     weights, prio = [], []
     seen = {}
     for lst, p in zip(lists, priorities):
         if lst._weights:
             raise ValueError("this TransformerBlockList is already placed")
         for i, module in enumerate(lst):
+            if "forward" in module.__dict__:
+                raise ValueError(f"block {i} already has an instance-level forward (another library's hook?); "
+                                 "offload it before adding such hooks")
             w = BlockWeights(module, lst, i)
             for t in w.tensors:
                 if id(t) in seen:
@@ -181,7 +255,6 @@ def place_block_lists(lists: Sequence["TransformerBlockList"], device: DeviceSpe
                 seen[id(t)] = i
             weights.append(w)
             prio.append(p)
-        lst._home = devices[0][0]
     scratch = kernel_scratch(w.module for w in weights)
     sizes = [w.nbytes for w in weights]
     if len(devices) == 1:
@@ -196,17 +269,28 @@ def place_block_lists(lists: Sequence["TransformerBlockList"], device: DeviceSpe
     # plan every device before moving anything, so that a budget error leaves the blocks where they were
     parts = [_DevicePart(dev, weights[start:stop], prio[start:stop], limit, reserve, scratch, slots)
              for (dev, limit), (start, stop) in zip(devices, runs) if start != stop]
-    for part in parts:
-        for w in part.blocks:
-            w.part = part
-        part.apply(part.plan)
+    saved = [(t, t.data, t.requires_grad) for w in weights for t in w.tensors]
+    try:
         for lst in lists:
-            if part not in lst._parts and any(w.owner is lst for w in part.blocks):
-                lst._parts.append(part)
-    for lst in lists:
-        lst._weights = [w for w in weights if w.owner is lst]
-        for w in lst._weights:
-            lst._wrap(w)
+            lst._home = devices[0][0]
+        for part in parts:
+            for w in part.blocks:
+                w.part = part
+            part.apply(part.plan)
+            for lst in lists:
+                if part not in lst._parts and any(w.owner is lst for w in part.blocks):
+                    lst._parts.append(part)
+        for lst in lists:
+            lst._weights = [w for w in weights if w.owner is lst]
+            for w in lst._weights:
+                lst._wrap(w)
+    except BaseException:
+        for lst in lists:
+            lst._unplace()
+        for t, data, requires_grad in saved:
+            t.data = data
+            t.requires_grad_(requires_grad)
+        raise
     for part in {id(w.part): w.part for w in weights}.values():
         if part.plan.slots:
             _log.info("bminf: %s: %d of %d blocks resident, %d streamed through %d slot(s) of %d B; limit %d B, "
