@@ -54,18 +54,11 @@ _MODEL_CLASSES = {"cpm1": "CPM1", "cpm2": "CPM2", "eva": "EVA"}
 
 
 def _load(args: argparse.Namespace, key: str):
-    """The model of ``key`` as the flags ask; without --version the release if it is cached or
-    downloadable, else the demo that ships with bminf (said in one line on stderr)."""
+    """The model of ``key`` as the flags ask (without --version: the release, else the shipped demo)."""
     import bminf
-    from bminf.models.pretrained import available_version
 
-    version = args.version
-    if version is None:
-        version, note = available_version(key)
-        if note:
-            print(f"bminf: {note}", file=sys.stderr)
     cls = getattr(bminf.models, _MODEL_CLASSES[key])
-    return cls(version=version, device=args.device, dtype=args.dtype, memory_limit=args.memory_limit)
+    return cls.available(args.version, device=args.device, dtype=args.dtype, memory_limit=args.memory_limit)
 
 
 def _sampling(args: argparse.Namespace) -> dict:

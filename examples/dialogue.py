@@ -10,7 +10,6 @@ import argparse
 import sys
 
 import bminf
-from bminf.models.pretrained import available_version
 
 
 def main() -> None:
@@ -20,12 +19,7 @@ def main() -> None:
     parser.add_argument("--device", help="cpu or cuda (default: the GPU if there is one)")
     parser.add_argument("--memory-limit", help="GPU memory budget, e.g. 6GiB")
     args = parser.parse_args()
-    version = args.version
-    if version is None:
-        version, note = available_version("eva")
-        if note:
-            print(note)
-    eva = bminf.models.EVA(version=version, device=args.device, memory_limit=args.memory_limit)
+    eva = bminf.models.EVA.available(args.version, device=args.device, memory_limit=args.memory_limit)
     interactive = sys.stdin.isatty()
     context = []
     while True:

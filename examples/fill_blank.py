@@ -3,13 +3,12 @@
     python examples/fill_blank.py [--text "...<span>..."] [--seed 0] [--version cpm2-demo]
 
 Without --version it uses the released cpm2.1-new when it is cached or can be downloaded, and the
-small demo checkpoint that ships with bminf otherwise (it says so in one line).
+small demo checkpoint that ships with bminf otherwise (it says so in one line on stderr).
 """
 import argparse
 import sys
 
 import bminf
-from bminf.models.pretrained import available_version
 
 TEXT = ("北京环球度假区相关负责人介绍，北京环球影城指定单日门票将采用<span>制度，即推出淡季日、平季日、"
         "旺季日和特定日门票。<span>价格为418元，<span>价格为528元，<span>价格为638元，<span>价格为"
@@ -34,12 +33,7 @@ def main() -> None:
     parser.add_argument("--device", help="cpu or cuda (default: the GPU if there is one)")
     parser.add_argument("--memory-limit", help="GPU memory budget, e.g. 6GiB")
     args = parser.parse_args()
-    version = args.version
-    if version is None:
-        version, note = available_version("cpm2")
-        if note:
-            print(note)
-    cpm2 = bminf.models.CPM2(version=version, device=args.device, memory_limit=args.memory_limit)
+    cpm2 = bminf.models.CPM2.available(args.version, device=args.device, memory_limit=args.memory_limit)
     tty = sys.stdout.isatty()
     print("Input: ", show(args.text, [], tty))
     blanks = cpm2.fill_blank(args.text, top_p=1.0, top_n=5, temperature=0.5, seed=args.seed)

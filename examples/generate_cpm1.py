@@ -3,12 +3,11 @@
     python examples/generate_cpm1.py [--prompt "..."] [--max-tokens 64] [--seed 0] [--version cpm1-demo]
 
 Without --version it uses the released cpm1-new when it is cached or can be downloaded, and the
-small demo checkpoint that ships with bminf otherwise (it says so in one line).
+small demo checkpoint that ships with bminf otherwise (it says so in one line on stderr).
 """
 import argparse
 
 import bminf
-from bminf.models.pretrained import available_version
 
 
 def main() -> None:
@@ -20,12 +19,7 @@ def main() -> None:
     parser.add_argument("--device", help="cpu or cuda (default: the GPU if there is one)")
     parser.add_argument("--memory-limit", help="GPU memory budget, e.g. 6GiB")
     args = parser.parse_args()
-    version = args.version
-    if version is None:
-        version, note = available_version("cpm1")
-        if note:
-            print(note)
-    cpm1 = bminf.models.CPM1(version=version, device=args.device, memory_limit=args.memory_limit)
+    cpm1 = bminf.models.CPM1.available(args.version, device=args.device, memory_limit=args.memory_limit)
     print(args.prompt, end="", flush=True)
     for piece in cpm1.generate(args.prompt, max_tokens=args.max_tokens, top_n=5, temperature=0.85,
                                presence_penalty=1, seed=args.seed, stream=True):

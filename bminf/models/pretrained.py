@@ -7,6 +7,7 @@ tokenizer, placing it on a device within a memory budget, and running the genera
 """
 import logging
 import os
+import sys
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -162,6 +163,19 @@ class Pretrained(nn.Module):
         self.version, self.directory = version or hub.LATEST[self.model_key], directory
         self.backbone = self._place(backbone, device, limit, reserve)
         self.device, self.dtype = device, dtype
+
+    @classmethod
+    def available(cls, version: Optional[str] = None, **kwargs) -> "Pretrained":
+        """The model as the demos and the CLI load it: ``version`` if given, else the release when it is
+        cached or can be downloaded, else the small demo that ships with bminf, said in one line on stderr.
+
+        >>> cpm2 = CPM2.available(device="cpu")                      # doctest: +SKIP
+        """
+        if version is None:
+            version, note = available_version(cls.model_key)
+            if note:
+                print(f"bminf: {note}", file=sys.stderr)
+        return cls(version=version, **kwargs)
 
     def _load_tokenizer(self, directory: str, vocab_size: int):
         raise NotImplementedError
