@@ -96,13 +96,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bminf.checkpoint.convert import convert
+    from bminf.checkpoint.convert import convert, read_config
     from bminf.units import parse_dtype
 
     start = time.time()
     try:
+        config = read_config(args.config, args.src) if args.config else None
         result = convert(args.src, args.dst, to=args.to, preset=args.preset, quantize=not args.no_quantize,
-                         dtype=parse_dtype(args.dtype) if args.dtype else None)
+                         dtype=parse_dtype(args.dtype) if args.dtype else None, config=config, force=args.force)
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
         return _error("convert", exc)
     for note in result.notes:
@@ -137,6 +138,9 @@ COMMANDS: Dict[str, Command] = {
         arg("--no-quantize", action="store_true", help="keep (or make) the linears float; not possible with --to bminf"),
         arg("--dtype", choices=CONVERT_DTYPES,
             help="float dtype of the output (HF output: float32 unless given; bminf: float16 only)"),
+        arg("--config", metavar="CONFIG_JSON",
+            help="a JSON object of GPTConfig or T5Config fields, for a BMInf file of a size no preset has"),
+        arg("--force", action="store_true", help="overwrite DST if it exists"),
     )),
 }
 

@@ -23,7 +23,8 @@ from .fetch import DownloadError, IntegrityError, SourceUnreachableError, Timeou
 
 __all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError", "IntegrityError",
            "SourceUnreachableError", "set_source", "get_source", "set_cache_path", "get_cache_path", "set_offline",
-           "is_offline", "ensure_file", "ensure_version", "download", "list_cached"]
+           "is_offline", "ensure_file", "ensure_version", "download", "list_cached", "DEFAULT_SOURCE", "DEFAULT_CACHE",
+           "DEFAULT_TIMEOUT", "SCHEMES", "fetch", "verify"]
 
 logger = logging.getLogger("bminf.hub")
 
@@ -291,3 +292,8 @@ def list_cached(cache_dir: Optional[str] = None) -> List[CachedFile]:
                 status = "verified" if fetch.is_verified(path) else "unverified"
             found.append(CachedFile(version, name, path, os.path.getsize(path), status))
     return found
+
+
+def __dir__():
+    # the public names only: not os, logging or the settings object
+    return sorted(__all__)
