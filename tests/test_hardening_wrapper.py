@@ -141,6 +141,16 @@ def test_block_list_rejects_bad_arguments_before_changing_anything(kw, error, ma
     assert all(p.requires_grad for b in blocks for p in b.parameters())
 
 
+def test_place_block_lists_checks_its_lists_and_priorities():
+    from bminf.offload import place_block_lists
+    with pytest.raises(TypeError, match="lists must be TransformerBlockLists .*; item 0 is ModuleList"):
+        place_block_lists([nn.ModuleList([nn.Linear(2, 2)])], "cpu")
+    lst = TransformerBlockList(list(net().layers), place=False)
+    with pytest.raises(ValueError, match="priorities: one per list, got 2 for 1 lists"):
+        place_block_lists([lst], "cpu", priorities=[0, 1])
+    assert lst._weights == [] and not lst._wrapped
+
+
 def test_wrapper_of_a_non_module_names_the_argument():
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str 'x'"):
         wrapper("x")

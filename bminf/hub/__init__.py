@@ -195,7 +195,7 @@ def ensure_file(version: str, filename: str, *, source: Optional[str] = None, ca
             raise FileNotFoundError(f"{version}: no file {filename} at {path}")
         return path
     remote = _lookup(version, filename)
-    source = _check_source(source, "the source argument") if source is not None else \
+    source = _check_source(source, "source= / --source") if source is not None else \
         _check_source(get_source(), "set_source" if _settings.source else "BMINF_SOURCE")
     cache_dir = get_cache_path() if cache_dir is None else _check_path(cache_dir, "cache_dir")
     dest = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), version, filename)

@@ -234,6 +234,11 @@ def place_block_lists(lists: Sequence["TransformerBlockList"], device: DeviceSpe
     """
     # every check comes before the first change, and a failure after it (pinned memory running out)
     # puts every tensor back, so a failed call leaves the blocks exactly as they were
+    lists = list(lists)
+    for i, lst in enumerate(lists):
+        if not hasattr(lst, "_weights") or not isinstance(lst, nn.ModuleList):
+            raise TypeError(f"lists must be TransformerBlockLists (made with place=False); item {i} is "
+                            f"{type(lst).__name__}")
     priorities = [0] * len(lists) if priorities is None else list(priorities)
     if len(priorities) != len(lists):
         raise ValueError(f"priorities: one per list, got {len(priorities)} for {len(lists)} lists")
