@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "COMMANDS", "Command", "arg"]
+__all__ = ["main", "COMMANDS", "Command", "arg", "build_parser", "positive_float", "non_negative_int"]
 
 # Kept here, not imported, so that parsing needs no heavy import; tests check them against the library.
 CONVERT_FORMATS = ("bminf", "safetensors", "hf")
@@ -38,6 +38,22 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     help: str
     arguments: Tuple[Arg, ...] = ()
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a count >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _error(command: str, exc: BaseException) -> int:
@@ -123,8 +139,8 @@ COMMANDS: Dict[str, Command] = {
         arg("--source", help="mirror base URL (default: $BMINF_SOURCE, else the BMInf server)"),
         _CACHE_DIR,
         arg("--force", action="store_true", help="download again even if already cached"),
-        arg("--timeout", type=float, help="seconds to wait to connect and between reads (default 10, 60)"),
-        arg("--retries", type=int, default=5, help="attempts in a row without progress before giving up"),
+        arg("--timeout", type=positive_float, help="seconds to wait to connect and between reads (default 10, 60)"),
+        arg("--retries", type=non_negative_int, default=5, help="attempts in a row without progress before giving up"),
         arg("--no-progress", action="store_true", help="no progress bar"),
     )),
     "list": Command(cmd_list, "List released versions and what is cached", (_CACHE_DIR,)),

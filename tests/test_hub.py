@@ -842,10 +842,23 @@ def test_set_source_refuses_other_schemes_and_accepts_file(tmp_path):
     (lambda: hub.set_cache_path(3), "path must be a str or os.PathLike, got int 3"),
     (lambda: hub.set_offline("yes"), "offline must be True, False or None, got str 'yes'"),
     (lambda: hub.list_cached(cache_dir=5), "cache_dir must be a str or os.PathLike, got int 5"),
+    (lambda: hub.ensure_file(V, CKPT, retries="3"), "retries must be an int >= 0, got str '3'"),
+    (lambda: hub.ensure_file(V, CKPT, timeout="10"), "timeout must be seconds or a"),
 ])
 def test_hub_arguments_of_the_wrong_type_name_the_argument(call, match):
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def test_hub_numbers_out_of_range(capsys):
+    with pytest.raises(ValueError, match="retries must be an int >= 0, got int -1"):
+        hub.ensure_file(V, CKPT, retries=-1)
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        hub.ensure_file(V, CKPT, timeout=(0, 5))
+    for argv in (["download", V, "--retries", "-1"], ["download", V, "--timeout", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            _cli(*argv)
+        assert exit_.value.code == 2 and "must be" in capsys.readouterr().err
 
 
 def test_unknown_version_suggestion_is_accepted_by_the_cli(tmp_path, capsys):

@@ -150,6 +150,18 @@ def _check_version(version: str) -> None:
                          "a mirror of all versions is a source: --source file://DIR / set_source)")
 
 
+def _check_options(timeout, retries) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int >= 0, got {type(retries).__name__} {retries!r}")
+    if retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got int {retries}")
+    values = timeout if isinstance(timeout, tuple) else (timeout,)
+    if not 1 <= len(values) <= 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise TypeError(f"timeout must be seconds or a (connect, read) pair of seconds, got {timeout!r}")
+    if any(v <= 0 for v in values):
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+
+
 def _lookup(version: str, filename: str) -> RemoteFile:
     _check_version(version)
     for remote in VERSIONS[version]:
@@ -189,6 +201,7 @@ def ensure_file(version: str, filename: str, *, source: Optional[str] = None, ca
     """
     _check_str(version, "version")
     _check_str(filename, "filename")
+    _check_options(timeout, retries)
     if version.startswith("file://"):
         path = os.path.join(_local_dir(version), filename)
         if not os.path.isfile(path):
