@@ -262,6 +262,18 @@ def test_block_list_failure_is_rolled_back(monkeypatch):
     assert not any("forward" in b.__dict__ for b in blocks)
 
 
+def test_strict_refusal_leaves_the_model_as_it_was():
+    model = net()
+    model.head.weight = model.embed.weight  # a tied Linear: reported, and strict makes that an error
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        want = model(x)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"head: weight tied to embed.weight(.|\n)*the model was left as it was"):
+        wrapper(model, memory_limit=streaming_limit(), device="cpu", reserve=0, strict=True)
+    assert_unchanged(model, before, x, want)
+
+
 def test_wrapping_twice_is_a_clear_error_and_changes_nothing():
     model = wrapper(net(), memory_limit=streaming_limit(), device="cpu", reserve=0)
     x = torch.randn(2, 16)

@@ -437,7 +437,8 @@ def test_two_threads_download_once(server, cache, caplog):
 def test_two_processes_download_once(server, cache):
     server.faults[CKPT_PATH] = Fault(pace=0.12)  # ~1.5 s: longer than starting a second interpreter
     # the served checkpoint is a tiny tree, not the release: check its structure only (as _isolated does)
-    code = f"from bminf import hub; hub.verify.RELEASES.clear(); print(hub.ensure_file({V!r}, {CKPT!r}, progress=False))"
+    code = (f"from bminf import hub; hub.verify.RELEASES.clear(); "
+            f"print(hub.ensure_file({V!r}, {CKPT!r}, progress=False))")
     env = {**os.environ, "PYTHONPATH": REPO, "BMINF_SOURCE": server.url, "BMINF_CACHE": cache}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import fetch, verify
 from .fetch import DownloadError, IntegrityError, SourceUnreachableError, Timeouts
 
-__all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError", "IntegrityError",
-           "SourceUnreachableError", "set_source", "get_source", "set_cache_path", "get_cache_path", "set_offline",
-           "is_offline", "ensure_file", "ensure_version", "download", "list_cached", "DEFAULT_SOURCE", "DEFAULT_CACHE",
-           "DEFAULT_TIMEOUT", "SCHEMES", "fetch", "verify"]
+__all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError",
+           "IntegrityError", "SourceUnreachableError", "set_source", "get_source", "set_cache_path", "get_cache_path",
+           "set_offline", "is_offline", "ensure_file", "ensure_version", "download", "list_cached", "DEFAULT_SOURCE",
+           "DEFAULT_CACHE", "DEFAULT_TIMEOUT", "SCHEMES", "fetch", "verify"]
 
 logger = logging.getLogger("bminf.hub")
 

@@ -43,7 +43,8 @@ def kernel_scratch(modules: Iterable[nn.Module]) -> int:
 
 
 def _is_pair(item) -> bool:
-    """``(device, memory_limit)``: a limit is None, an int or a size string ("4GiB"; devices never start with a digit)."""
+    """``(device, memory_limit)``: a limit is None, an int or a size string ("4GiB"; device names never
+    start with a digit)."""
     if not (isinstance(item, tuple) and len(item) == 2):
         return False
     limit = item[1]
@@ -256,7 +257,8 @@ def place_block_lists(lists: Sequence["TransformerBlockList"], device: DeviceSpe
             w = BlockWeights(module, lst, i)
             for t in w.tensors:
                 if id(t) in seen:
-                    raise ValueError(f"block {i} shares a tensor with block {seen[id(t)]}: shared weights cannot be offloaded")
+                    raise ValueError(f"block {i} shares a tensor with block {seen[id(t)]}: shared weights cannot "
+                                     "be offloaded")
                 seen[id(t)] = i
             weights.append(w)
             prio.append(p)
