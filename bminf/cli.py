@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "COMMANDS", "Command", "arg"]
+__all__ = ["main", "COMMANDS", "Command", "arg", "build_parser", "positive_float", "non_negative_int"]
 
 # Kept here, not imported, so that parsing needs no heavy import; tests check them against the library.
 CONVERT_FORMATS = ("bminf", "safetensors", "hf")
@@ -41,6 +41,22 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     help: str
     arguments: Tuple[Arg, ...] = ()
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a count >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _error(command: str, exc: BaseException) -> int:
@@ -223,13 +239,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bminf.checkpoint.convert import convert
+    from bminf.checkpoint.convert import convert, read_config
     from bminf.units import parse_dtype
 
     start = time.time()
     try:
+        config = read_config(args.config, args.src) if args.config else None
         result = convert(args.src, args.dst, to=args.to, preset=args.preset, quantize=not args.no_quantize,
-                         dtype=parse_dtype(args.dtype) if args.dtype else None)
+                         dtype=parse_dtype(args.dtype) if args.dtype else None, config=config, force=args.force)
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
         return _error("convert", exc)
     for note in result.notes:
@@ -276,8 +293,8 @@ COMMANDS: Dict[str, Command] = {
         arg("--source", help="mirror base URL (default: $BMINF_SOURCE, else the BMInf server)"),
         _CACHE_DIR,
         arg("--force", action="store_true", help="download again even if already cached"),
-        arg("--timeout", type=float, help="seconds to wait to connect and between reads (default 10, 60)"),
-        arg("--retries", type=int, default=5, help="attempts in a row without progress before giving up"),
+        arg("--timeout", type=positive_float, help="seconds to wait to connect and between reads (default 10, 60)"),
+        arg("--retries", type=non_negative_int, default=5, help="attempts in a row without progress before giving up"),
         arg("--no-progress", action="store_true", help="no progress bar"),
     )),
     "list": Command(cmd_list, "List released versions and what is cached", (_CACHE_DIR,)),
@@ -288,9 +305,13 @@ COMMANDS: Dict[str, Command] = {
             help="output format (default: bminf if DST ends in .pt, else safetensors)"),
         arg("--preset", choices=CONVERT_PRESETS,
             help="the model, for what a BMInf file cannot tell (head count, eps, max_distance)"),
-        arg("--no-quantize", action="store_true", help="keep (or make) the linears float; not possible with --to bminf"),
+        arg("--no-quantize", action="store_true",
+            help="keep (or make) the linears float; not possible with --to bminf"),
         arg("--dtype", choices=CONVERT_DTYPES,
             help="float dtype of the output (HF output: float32 unless given; bminf: float16 only)"),
+        arg("--config", metavar="CONFIG_JSON",
+            help="a JSON object of GPTConfig or T5Config fields, for a BMInf file of a size no preset has"),
+        arg("--force", action="store_true", help="overwrite DST if it exists"),
     )),
 }
 

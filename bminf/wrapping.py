@@ -197,18 +197,20 @@ def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Size = No
 
     report: List[str] = []
     undo: List[Callable[[], None]] = []  # how to put the model back if a later step fails
+    message = ""
     try:
         _convert(model, quantization, devices, reserve, slots, dtype, report, undo)
+        if report:
+            message = "bminf.wrapper left some modules unconverted:\n  " + "\n  ".join(report)
+            if strict:  # an error like any other: the model goes back to what it was
+                raise ValueError(message + "\n(strict=True: the model was left as it was)")
     except BaseException as e:
         for step in reversed(undo):
             step()
         if isinstance(e, ValueError) and not str(e).startswith("bminf.wrapper"):
             raise ValueError(f"bminf.wrapper: {e} (the model was left as it was)") from e
         raise
-    if report:
-        message = "bminf.wrapper left some modules unconverted:\n  " + "\n  ".join(report)
-        if strict:
-            raise ValueError(message)
+    if message:
         warnings.warn(message, WrapperWarning, stacklevel=2)
     return model
 
@@ -262,4 +264,17 @@ def _convert(model: nn.Module, quantization: bool, devices, reserve: Optional[in
         converted.append((path, tbl))
     if converted:
         priorities = [1 if _is_decoder(path) else 0 for path, _ in converted]
-        place_block_lists([t for _, t in converted], devices, reserve=reserve, slots=slots, priorities=priorities)
+        tables = [t for _, t in converted]
+        saved = [(t, t.data, t.requires_grad)
+                 for tbl in tables for t in itertools.chain(tbl.parameters(), tbl.buffers())]
+        place_block_lists(tables, devices, reserve=reserve, slots=slots, priorities=priorities)
+        undo.append(functools.partial(_unplace, tables, saved))
+
+
+def _unplace(tables: List[TransformerBlockList], saved) -> None:
+    """Undo a placement that succeeded (a later step failed): tensors back where they were."""
+    for tbl in tables:
+        tbl._unplace()
+    for t, data, requires_grad in saved:
+        t.data = data
+        t.requires_grad_(requires_grad)

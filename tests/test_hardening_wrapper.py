@@ -141,6 +141,16 @@ def test_block_list_rejects_bad_arguments_before_changing_anything(kw, error, ma
     assert all(p.requires_grad for b in blocks for p in b.parameters())
 
 
+def test_place_block_lists_checks_its_lists_and_priorities():
+    from bminf.offload import place_block_lists
+    with pytest.raises(TypeError, match="lists must be TransformerBlockLists .*; item 0 is ModuleList"):
+        place_block_lists([nn.ModuleList([nn.Linear(2, 2)])], "cpu")
+    lst = TransformerBlockList(list(net().layers), place=False)
+    with pytest.raises(ValueError, match="priorities: one per list, got 2 for 1 lists"):
+        place_block_lists([lst], "cpu", priorities=[0, 1])
+    assert lst._weights == [] and not lst._wrapped
+
+
 def test_wrapper_of_a_non_module_names_the_argument():
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str 'x'"):
         wrapper("x")
@@ -250,6 +260,18 @@ def test_block_list_failure_is_rolled_back(monkeypatch):
     assert [p.data_ptr() for b in blocks for p in b.parameters()] == ptrs
     assert all(p.requires_grad for b in blocks for p in b.parameters())
     assert not any("forward" in b.__dict__ for b in blocks)
+
+
+def test_strict_refusal_leaves_the_model_as_it_was():
+    model = net()
+    model.head.weight = model.embed.weight  # a tied Linear: reported, and strict makes that an error
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        want = model(x)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"head: weight tied to embed.weight(.|\n)*the model was left as it was"):
+        wrapper(model, memory_limit=streaming_limit(), device="cpu", reserve=0, strict=True)
+    assert_unchanged(model, before, x, want)
 
 
 def test_wrapping_twice_is_a_clear_error_and_changes_nothing():

@@ -437,7 +437,8 @@ def test_two_threads_download_once(server, cache, caplog):
 def test_two_processes_download_once(server, cache):
     server.faults[CKPT_PATH] = Fault(pace=0.12)  # ~1.5 s: longer than starting a second interpreter
     # the served checkpoint is a tiny tree, not the release: check its structure only (as _isolated does)
-    code = f"from bminf import hub; hub.verify.RELEASES.clear(); print(hub.ensure_file({V!r}, {CKPT!r}, progress=False))"
+    code = (f"from bminf import hub; hub.verify.RELEASES.clear(); "
+            f"print(hub.ensure_file({V!r}, {CKPT!r}, progress=False))")
     env = {**os.environ, "PYTHONPATH": REPO, "BMINF_SOURCE": server.url, "BMINF_CACHE": cache}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -842,10 +843,23 @@ def test_set_source_refuses_other_schemes_and_accepts_file(tmp_path):
     (lambda: hub.set_cache_path(3), "path must be a str or os.PathLike, got int 3"),
     (lambda: hub.set_offline("yes"), "offline must be True, False or None, got str 'yes'"),
     (lambda: hub.list_cached(cache_dir=5), "cache_dir must be a str or os.PathLike, got int 5"),
+    (lambda: hub.ensure_file(V, CKPT, retries="3"), "retries must be an int >= 0, got str '3'"),
+    (lambda: hub.ensure_file(V, CKPT, timeout="10"), "timeout must be seconds or a"),
 ])
 def test_hub_arguments_of_the_wrong_type_name_the_argument(call, match):
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def test_hub_numbers_out_of_range(capsys):
+    with pytest.raises(ValueError, match="retries must be an int >= 0, got int -1"):
+        hub.ensure_file(V, CKPT, retries=-1)
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        hub.ensure_file(V, CKPT, timeout=(0, 5))
+    for argv in (["download", V, "--retries", "-1"], ["download", V, "--timeout", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            _cli(*argv)
+        assert exit_.value.code == 2 and "must be" in capsys.readouterr().err
 
 
 def test_unknown_version_suggestion_is_accepted_by_the_cli(tmp_path, capsys):

@@ -21,9 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import fetch, verify
 from .fetch import DownloadError, IntegrityError, SourceUnreachableError, Timeouts
 
-__all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError", "IntegrityError",
-           "SourceUnreachableError", "set_source", "get_source", "set_cache_path", "get_cache_path", "set_offline",
-           "is_offline", "ensure_file", "ensure_version", "download", "list_cached"]
+__all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError",
+           "IntegrityError", "SourceUnreachableError", "set_source", "get_source", "set_cache_path", "get_cache_path",
+           "set_offline", "is_offline", "ensure_file", "ensure_version", "download", "list_cached", "DEFAULT_SOURCE",
+           "DEFAULT_CACHE", "DEFAULT_TIMEOUT", "SCHEMES", "fetch", "verify"]
 
 logger = logging.getLogger("bminf.hub")
 
@@ -149,6 +150,18 @@ def _check_version(version: str) -> None:
                          "a mirror of all versions is a source: --source file://DIR / set_source)")
 
 
+def _check_options(timeout, retries) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int >= 0, got {type(retries).__name__} {retries!r}")
+    if retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got int {retries}")
+    values = timeout if isinstance(timeout, tuple) else (timeout,)
+    if not 1 <= len(values) <= 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise TypeError(f"timeout must be seconds or a (connect, read) pair of seconds, got {timeout!r}")
+    if any(v <= 0 for v in values):
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+
+
 def _lookup(version: str, filename: str) -> RemoteFile:
     _check_version(version)
     for remote in VERSIONS[version]:
@@ -188,13 +201,14 @@ def ensure_file(version: str, filename: str, *, source: Optional[str] = None, ca
     """
     _check_str(version, "version")
     _check_str(filename, "filename")
+    _check_options(timeout, retries)
     if version.startswith("file://"):
         path = os.path.join(_local_dir(version), filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{version}: no file {filename} at {path}")
         return path
     remote = _lookup(version, filename)
-    source = _check_source(source, "the source argument") if source is not None else \
+    source = _check_source(source, "source= / --source") if source is not None else \
         _check_source(get_source(), "set_source" if _settings.source else "BMINF_SOURCE")
     cache_dir = get_cache_path() if cache_dir is None else _check_path(cache_dir, "cache_dir")
     dest = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), version, filename)
@@ -291,3 +305,8 @@ def list_cached(cache_dir: Optional[str] = None) -> List[CachedFile]:
                 status = "verified" if fetch.is_verified(path) else "unverified"
             found.append(CachedFile(version, name, path, os.path.getsize(path), status))
     return found
+
+
+def __dir__():
+    # the public names only: not os, logging or the settings object
+    return sorted(__all__)

@@ -9,26 +9,27 @@ to ``<file>.part`` and are renamed into place only after the size and sha256 che
 '/tmp/c/cpm1-new/vocab.txt'
 """
 import errno
-import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import time
-from contextlib import contextmanager
 from typing import Callable, Optional, Tuple, Union
 
 import requests
 import urllib3
-from filelock import FileLock, Timeout
 from tqdm import tqdm
+
+from .cachefiles import (CHUNK_BYTES, cache_error, file_size, in_directory, is_verified, locked, meta_path,
+                         read_meta, remove, sha256_of, write_meta, writing)
+
+__all__ = ["fetch", "copy_local", "remote_sha256", "DownloadError", "IntegrityError", "SourceUnreachableError",
+           "Timeouts", "is_verified", "read_meta", "meta_path"]
 
 logger = logging.getLogger("bminf.hub")
 
 Timeouts = Union[float, Tuple[float, float]]
 
-CHUNK_BYTES = 1 << 20
 RETRY_BACKOFF_S = 1.0  # first pause after a failed attempt that made no progress; doubles, capped at 30 s
 MAX_ATTEMPTS = 1000  # hard stop even for a server that keeps dropping after a few new bytes
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -45,147 +46,6 @@ class IntegrityError(DownloadError):
 
 class SourceUnreachableError(DownloadError):
     """No connection to the source could be made at all (offline, DNS, refused)."""
-
-
-# ---------------------------------------------------------------- local files
-
-
-def _cache_error(exc: OSError, path: str) -> OSError:
-    """Turn a low-level OSError into one whose message names the cache directory and the fix."""
-    directory = os.path.dirname(path)
-    hint = "set BMINF_CACHE (or bminf.hub.set_cache_path) to another directory"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        msg = f"cache directory {directory} is not writable ({exc.strerror}); {hint}"
-        return PermissionError(exc.errno, msg, path)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        msg = (f"no space left in cache directory {directory} ({exc.strerror}); free space and run again "
-               f"(bytes already in a .part file are kept and resumed), or {hint}")
-        return OSError(exc.errno, msg, path)
-    return OSError(exc.errno, f"cannot write to cache directory {directory} ({exc.strerror}); {hint}", path)
-
-
-@contextmanager
-def _writing(path: str):
-    # Only local file operations go in here: requests' exceptions are OSErrors too and must not be renamed.
-    try:
-        yield
-    except OSError as exc:
-        raise _cache_error(exc, path) from exc
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0
-
-
-def _remove(path: str) -> None:
-    with _writing(path):
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def _sha256_of(path: str, limit: Optional[int] = None, progress: Optional[bool] = False):
-    """A sha256 hasher fed with the first ``limit`` bytes of ``path`` (all of it when None)."""
-    hasher = hashlib.sha256()
-    remaining = _size(path) if limit is None else limit
-    if remaining == 0:
-        return hasher
-    disable = None if progress is None else not progress
-    with open(path, "rb") as f, tqdm(total=remaining, unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=f"Verifying {os.path.basename(path)}", disable=disable) as bar:
-        while remaining > 0:
-            block = f.read(min(CHUNK_BYTES, remaining))
-            if not block:
-                break
-            hasher.update(block)
-            remaining -= len(block)
-            bar.update(len(block))
-    return hasher
-
-
-def meta_path(dest: str) -> str:
-    return dest + ".meta"
-
-
-def read_meta(dest: str) -> Optional[dict]:
-    try:
-        with open(meta_path(dest), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def is_verified(dest: str, sha256: Optional[str] = None) -> bool:
-    """True when ``dest`` is a file this module verified and it still has the recorded size (no hashing)."""
-    meta = read_meta(dest)
-    if meta is None or not os.path.isfile(dest) or meta.get("size") != os.path.getsize(dest):
-        return False
-    return sha256 is None or meta.get("sha256") == sha256.lower()
-
-
-def _write_meta(dest: str, size: int, sha256: Optional[str], url: str) -> None:
-    tmp = meta_path(dest) + ".tmp"
-    with _writing(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"size": size, "sha256": sha256, "url": url, "time": int(time.time())}, f)
-        os.replace(tmp, meta_path(dest))
-
-
-def _remove_empty_dir(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError:  # not empty (a .part kept for resuming, another file), or already gone
-        pass
-
-
-@contextmanager
-def _locked(lock_path: str, what: str):
-    """Hold the lock file ``lock_path``; remove it (and its empty directories) when done.
-
-    The holder deletes the file before releasing it, so a process that was waiting may end up
-    holding a lock on a file that no longer has the name: it compares inodes and locks again."""
-    while True:
-        # Create the lock file ourselves first: FileLock's own error for a read-only directory is less clear.
-        with _writing(lock_path):
-            os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # another process removed the empty lock directory just now
-                continue
-        lock = FileLock(lock_path)
-        try:
-            try:
-                lock.acquire(timeout=0.5)
-            except Timeout:
-                logger.warning("waiting for another process that is downloading %s (lock %s)", what, lock_path)
-                lock.acquire()
-        except FileNotFoundError:  # the holder removed the lock file and its directory: start again
-            os.close(fd)
-            continue
-        try:
-            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        finally:
-            os.close(fd)
-        if same:
-            break
-        lock.release()
-    try:
-        yield
-    finally:
-        try:
-            os.remove(lock_path)  # while still held: see above
-        except OSError:  # Windows cannot remove an open file; the empty file stays, harmless
-            pass
-        lock.release()
-        _remove_empty_dir(os.path.dirname(lock_path))                   # .locks/<version>
-        _remove_empty_dir(os.path.dirname(os.path.dirname(lock_path)))  # .locks
 
 
 # ---------------------------------------------------------------- network
@@ -249,7 +109,7 @@ def _adopt_existing(session, url: str, dest: str, part: str, sha256: Optional[st
         return True
     local, remote = os.path.getsize(dest), int(length)
     if local == remote:
-        digest = _sha256_of(dest, progress=progress).hexdigest() if sha256 else None
+        digest = sha256_of(dest, progress=progress).hexdigest() if sha256 else None
         problem = None if digest == sha256 else "does not match the sha256 of"
         if problem is None and check is not None:
             try:
@@ -257,21 +117,21 @@ def _adopt_existing(session, url: str, dest: str, part: str, sha256: Optional[st
             except ValueError as exc:
                 problem = f"is the size of, but not a copy of ({exc})"
         if problem is None:
-            _write_meta(dest, local, digest, url)
+            write_meta(dest, local, digest, url)
             return True
         logger.warning("%s %s %s; downloading it again", dest, problem, url)
-    elif local < remote and _size(part) < local:
+    elif local < remote and file_size(part) < local:
         logger.warning("%s is incomplete (%d of %d bytes); resuming it", dest, local, remote)
-        with _writing(part):
+        with writing(part):
             os.replace(dest, part)
         return False
-    _remove(dest)
+    remove(dest)
     return False
 
 
 def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_args: dict) -> str:
     """One GET from the current end of ``part``. Returns 'done', 'retry' or 'restart'; raises on HTTP errors."""
-    offset = _size(part)
+    offset = file_size(part)
     headers = {"Accept-Encoding": "identity"}  # byte counts must match Content-Length, so no gzip
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -303,9 +163,9 @@ def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_a
         if total is not None:
             free = shutil.disk_usage(os.path.dirname(part)).free
             if free < total - start:
-                raise _cache_error(OSError(errno.ENOSPC, f"{total - start} bytes needed, {free} free"), part)
+                raise cache_error(OSError(errno.ENOSPC, f"{total - start} bytes needed, {free} free"), part)
         if state["hashed"] != start:  # resuming a part from an earlier run: hash what is already there
-            state["hasher"] = _sha256_of(part, limit=start, progress=state["progress"])
+            state["hasher"] = sha256_of(part, limit=start, progress=state["progress"])
             state["hashed"] = start
         bar = state.get("bar")
         if bar is None:
@@ -313,7 +173,7 @@ def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_a
         else:  # a resumed attempt: the bar continues from the bytes already on disk
             bar.reset(total=total)
             bar.update(start)
-        with _writing(part):
+        with writing(part):
             f = open(part, "ab" if start else "wb", buffering=0)
         try:
             # raw.read, not iter_content: it hands over the bytes received before a hang-up instead of
@@ -323,7 +183,7 @@ def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_a
                 if not chunk:
                     break
                 view = memoryview(chunk)
-                with _writing(part):
+                with writing(part):
                     while view:
                         view = view[f.write(view):]
                 state["hasher"].update(chunk)
@@ -354,9 +214,9 @@ def fetch(url: str, dest: str, *, lock_path: str, sha256: Optional[str] = None, 
         answered = sha256 is None or os.path.isfile(dest)
         if sha256 is None:
             sha256 = remote_sha256(session, url, timeout, retries)
-        with _locked(lock_path, desc or dest), _in_directory(dest):
+        with locked(lock_path, desc or dest), in_directory(dest):
             if force:
-                _remove(part)  # the cached file stays until its replacement is complete and verified
+                remove(part)  # the cached file stays until its replacement is complete and verified
             elif is_verified(dest, known_sha256):
                 return dest  # another process finished it while we waited for the lock
             if not force and os.path.isfile(dest) and _adopt_existing(session, url, dest, part, sha256, timeout,
@@ -386,33 +246,20 @@ def copy_local(src: str, dest: str, *, lock_path: str, sha256: Optional[str] = N
         with open(src + ".sha256", encoding="utf-8") as f:
             token = (f.read().split() or [""])[0]
         sha256 = token.lower() if _SHA256_RE.match(token) else None
-    with _locked(lock_path, desc or dest), _in_directory(dest):
+    with locked(lock_path, desc or dest), in_directory(dest):
         if not force and is_verified(dest, sha256):
             return dest
         part = dest + ".part"
-        with _writing(part):
+        with writing(part):
             shutil.copyfile(src, part)
-        state = {"total": _size(src), "hasher": None, "hashed": -1, "progress": progress}
+        state = {"total": file_size(src), "hasher": None, "hashed": -1, "progress": progress}
         return _finish("file://" + src, dest, part, sha256, state, check)
-
-
-@contextmanager
-def _in_directory(dest: str):
-    """Create ``dest``'s directory; if the step fails and leaves it empty, remove it again."""
-    directory = os.path.dirname(dest)
-    with _writing(dest):
-        os.makedirs(directory, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        _remove_empty_dir(directory)
-        raise
 
 
 def _transfer(session, url, part, state, timeout, retries, bar_args) -> None:
     # Progress means more bytes than the part ever held: re-fetching bytes lost to a restart does not
     # count, so a server that makes us restart forever still runs out of retries.
-    failures, best = 0, _size(part)
+    failures, best = 0, file_size(part)
     for _ in range(MAX_ATTEMPTS):
         try:
             outcome = _attempt(session, url, part, state, timeout, bar_args)
@@ -423,48 +270,48 @@ def _transfer(session, url, part, state, timeout, retries, bar_args) -> None:
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:  # timeouts, broken streams
             outcome, state["error"] = "retry", str(exc)
         if outcome == "restart":
-            _remove(part)
+            remove(part)
             state["error"] = "the server's byte range did not continue the partial file"
         elif outcome == "done":
             total = state["total"]
-            if total is None or _size(part) >= total:
+            if total is None or file_size(part) >= total:
                 return
-            outcome, state["error"] = "retry", f"stream ended at byte {_size(part)} of {total}"
-        if _size(part) > best:
-            failures, best = 0, _size(part)  # resume at once, this attempt does not count against the bound
+            outcome, state["error"] = "retry", f"stream ended at byte {file_size(part)} of {total}"
+        if file_size(part) > best:
+            failures, best = 0, file_size(part)  # resume at once, this attempt does not count against the bound
             continue
         failures += 1
         if failures > retries:
             break
         _pause(failures)
-    kept = f"; {_size(part)} bytes are kept in {part} and the next try resumes" if _size(part) else ""
+    kept = f"; {file_size(part)} bytes are kept in {part} and the next try resumes" if file_size(part) else ""
     raise DownloadError(f"download of {url} failed after {retries} retries: {state['error']}{kept}")
 
 
 def _finish(url: str, dest: str, part: str, sha256: Optional[str], state: dict,
             check: Optional[Callable[[str], None]] = None) -> str:
-    received, total = _size(part), state["total"]
+    received, total = file_size(part), state["total"]
     if total is not None and received != total:
-        _remove(part)
+        remove(part)
         raise IntegrityError(f"{url}: received {received} bytes but the server announced {total}; "
                              "partial file deleted")
     if state["hashed"] != received:
-        state["hasher"] = _sha256_of(part, progress=state["progress"])
+        state["hasher"] = sha256_of(part, progress=state["progress"])
     digest = state["hasher"].hexdigest()
     if sha256 is not None and digest != sha256:
-        _remove(part)
+        remove(part)
         raise IntegrityError(f"{url}: sha256 mismatch (expected {sha256}, got {digest}); partial file deleted, "
                              "run again to download it from scratch")
     if check is not None:
         try:
             check(part)
         except ValueError as exc:
-            _remove(part)
+            remove(part)
             raise IntegrityError(f"{url}: received {received} bytes, but {exc}; the file was deleted") from None
-    with _writing(part):
+    with writing(part):
         with open(part, "rb") as f:
             os.fsync(f.fileno())  # the bytes reach the disk before the name says "complete"
-        _remove(meta_path(dest))  # describes the file being replaced
+        remove(meta_path(dest))  # describes the file being replaced
         os.replace(part, dest)
-    _write_meta(dest, received, digest, url)
+    write_meta(dest, received, digest, url)
     return dest

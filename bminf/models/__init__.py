@@ -21,3 +21,7 @@ def __getattr__(name):
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
+
+
+def __dir__():
+    return sorted(_LAZY)

@@ -52,12 +52,12 @@ class TransformerBlockList(nn.ModuleList):
     """A ``ModuleList`` of transformer blocks that runs inside a device memory budget.
 
     ``device``: a device, or a list of devices / ``(device, memory_limit)`` pairs to split the
-    blocks across, contiguously, in proportion to their budgets. ``memory_limit`` (bytes, per
-    device) caps everything allocated on the device: weights already there, resident blocks, the
-    streaming slots, and ``reserve`` bytes for activations and KV cache (None: ``scratch +
-    max(64 MiB, limit / 16)``, see ``plan.default_reserve``). After a pass whose peak went over the limit,
-    the reserve grows and blocks leave the device (placing resets the device's peak-memory counter,
-    which this check reads). ``slots``: streaming buffers (2 = double buffering).
+    blocks across, contiguously, in proportion to their budgets. ``memory_limit`` (bytes or a
+    string such as ``"6GiB"``, per device) caps everything allocated on the device: weights
+    already there, resident blocks, the streaming slots, and ``reserve`` bytes for activations and
+    KV cache (None: ``scratch + max(64 MiB, limit / 16)``, see ``plan.default_reserve``). After a
+    pass whose peak went over the limit, the reserve grows and blocks leave the device (placing
+    resets the device's peak-memory counter, which this check reads). ``slots``: streaming buffers (2 = double buffering).
 
     Weights are immutable once placed: ``load_state_dict`` is supported (it writes the host copies
     and drops stale device copies), in-place writes to a streamed block's tensors are not.

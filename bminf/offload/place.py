@@ -43,7 +43,8 @@ def kernel_scratch(modules: Iterable[nn.Module]) -> int:
 
 
 def _is_pair(item) -> bool:
-    """``(device, memory_limit)``: a limit is None, an int or a size string ("4GiB"; devices never start with a digit)."""
+    """``(device, memory_limit)``: a limit is None, an int or a size string ("4GiB"; device names never
+    start with a digit)."""
     if not (isinstance(item, tuple) and len(item) == 2):
         return False
     limit = item[1]
@@ -234,6 +235,11 @@ def place_block_lists(lists: Sequence["TransformerBlockList"], device: DeviceSpe
     """
     # every check comes before the first change, and a failure after it (pinned memory running out)
     # puts every tensor back, so a failed call leaves the blocks exactly as they were
+    lists = list(lists)
+    for i, lst in enumerate(lists):
+        if not hasattr(lst, "_weights") or not isinstance(lst, nn.ModuleList):
+            raise TypeError(f"lists must be TransformerBlockLists (made with place=False); item {i} is "
+                            f"{type(lst).__name__}")
     priorities = [0] * len(lists) if priorities is None else list(priorities)
     if len(priorities) != len(lists):
         raise ValueError(f"priorities: one per list, got {len(priorities)} for {len(lists)} lists")
@@ -251,7 +257,8 @@ def place_block_lists(lists: Sequence["TransformerBlockList"], device: DeviceSpe
             w = BlockWeights(module, lst, i)
             for t in w.tensors:
                 if id(t) in seen:
-                    raise ValueError(f"block {i} shares a tensor with block {seen[id(t)]}: shared weights cannot be offloaded")
+                    raise ValueError(f"block {i} shares a tensor with block {seen[id(t)]}: shared weights cannot "
+                                     "be offloaded")
                 seen[id(t)] = i
             weights.append(w)
             prio.append(p)
