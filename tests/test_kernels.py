@@ -12,7 +12,9 @@ from bminf.kernels import int8_linear, triton_int8
 from bminf.quantization import quantize_weight
 
 # (rows, out_features, in_features): decode and small batches, odd sizes that leave partial tiles
-SHAPES = [(1, 96, 80), (5, 130, 200), (16, 64, 256), (40, 300, 130), (64, 128, 64)]
+# (1-4 rows take the GEMV kernel, more the tensor-core one)
+SHAPES = [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030), (5, 130, 200), (16, 64, 256), (40, 300, 130),
+          (64, 128, 64)]
 
 CHECK = """
 import torch, torch.nn.functional as F
