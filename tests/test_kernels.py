@@ -92,3 +92,42 @@ def test_portable_path_is_used_off_gpu():
     x = torch.randn(2, 16)
     assert not triton_int8.supports(x, q)
     assert torch.allclose(int8_linear(x, q, s), F.linear(x, q.float() * s.float()[:, None]), atol=1e-6)
+
+
+NORM_CHECK = """
+import torch
+from bminf.kernels import triton_norm
+torch.manual_seed(0)
+worst = 0.0
+for d in (64, 100, 4096):
+    w = torch.randn(d)
+    x = (torch.randn(3, 5, d) * 3).half().to("{device}").requires_grad_()
+    wd = w.to("{device}").requires_grad_()
+    y = triton_norm.rms_norm(x, wd, 1e-6)
+    ref = triton_norm.reference(x, wd, 1e-6)
+    assert y.shape == ref.shape and y.dtype == torch.float16
+    worst = max(worst, float((y.float() - ref.float()).abs().max() / ref.float().abs().max()))
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, wd), g)
+    rx, rw = torch.autograd.grad(ref, (x, wd), g)
+    assert torch.equal(gx, rx) and torch.equal(gw, rw)  # backward is the PyTorch formula's
+print("worst", worst)
+"""
+
+
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
+def test_rms_norm_kernel_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", NORM_CHECK.format(device="cpu")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("worst")[1]) < 1e-3  # one fp16 rounding step at most
+
+
+@pytest.mark.gpu
+def test_rms_norm_kernel_on_gpu():
+    out = subprocess.run([sys.executable, "-c", NORM_CHECK.format(device="cuda")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("worst")[1]) < 1e-3

@@ -10,9 +10,12 @@ graph holds one node per linear). The row scale and bias are applied to the fp32
 
 Tiles come from ``config(m, n, k)``: a table for the shapes of CPM-1 (2560/10240), CPM-2 (4096/10240)
 and EVA (2048/5120), measured on an H200 with ``benchmark/int8_linear.py --sweep``, and a rule for
-other shapes.
+other shapes. ``BMINF_GEMV_TABLE`` names a JSON file (``{"NxK": [BLOCK_N, BLOCK_K, num_warps]}``, as
+``--table-out`` writes it) whose entries take precedence, for tuning another GPU.
 """
 import functools
+import json
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -21,6 +24,22 @@ MAX_ROWS = 4
 
 # (n, k) -> (BLOCK_N, BLOCK_K, num_warps) for one row; see benchmark/int8_linear.py --sweep
 TABLE: Dict[Tuple[int, int], Tuple[int, int, int]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> Dict[Tuple[int, int], Tuple[int, int, int]]:
+    table = dict(TABLE)
+    path = os.environ.get("BMINF_GEMV_TABLE")
+    if path:
+        try:
+            with open(path) as f:
+                entries = json.load(f)
+            table.update({tuple(int(v) for v in key.split("x")): tuple(int(v) for v in tiles)
+                          for key, tiles in entries.items()})
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            raise ValueError(f"BMINF_GEMV_TABLE={path!r}: expected a JSON file of {{\"NxK\": [BLOCK_N, BLOCK_K, "
+                             f"num_warps]}} ({e})") from None
+    return table
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,8 +88,9 @@ def config(m: int, n: int, k: int, device: torch.device) -> Tuple[int, int, int,
     bytes of each weight row per step; fewer K per step for more rows (registers).
     """
     block_m = 1 if m == 1 else (2 if m == 2 else 4)
-    if (n, k) in TABLE:
-        block_n, block_k, warps = TABLE[(n, k)]
+    table = _table()
+    if (n, k) in table:
+        block_n, block_k, warps = table[(n, k)]
     else:
         block_n = 32
         while block_n > 4 and n // block_n < 4 * _multiprocessors(device):
