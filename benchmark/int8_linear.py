@@ -29,7 +29,7 @@ def shapes(model):
 def sweep(x, q, s):
     """Best (BLOCK_N, BLOCK_K, num_warps) of the GEMV for this problem, and its time."""
     best = (float("inf"), None)
-    for bn, bk, warps in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)):
+    for bn, bk, warps in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048, 4096), (4, 8)):
         if bn * bk > 64 * 32 * warps:  # the accumulator would spill registers
             continue
         us = bench(lambda: triton_gemv.int8_gemv(x, q, s, tiles=(bn, bk, warps)), reps=20)

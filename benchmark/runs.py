@@ -179,14 +179,16 @@ def _accelerate(preset, args, kind, device, limit, reserve, ids, steps):
     import accelerate
     from accelerate import dispatch_model
     hf = build_hf(preset, args.tiny, device, home=torch.device("cpu"))
-    lists = {n for n, m in hf.named_modules() if isinstance(m, nn.ModuleList)}
-    device_map, used = {}, 0
+    nested = {n for n, m in hf.named_modules() if isinstance(m, nn.ModuleList)}
+    lists = {n for n in nested if not any(n.startswith(o + ".") for o in nested)}  # the block lists
+    device_map, seen = {}, {}
     for name, mod in hf.named_modules(remove_duplicate=False):
         if not name or any(name == lst or name.startswith(lst + ".") for lst in lists):
             continue
         if any(True for _ in mod.parameters(recurse=False)):
             device_map[name] = device.index or 0
-            used += nbytes(mod.parameters(recurse=False))
+            seen.update((id(p), p) for p in mod.parameters(recurse=False))
+    used = nbytes(seen.values())  # tied embeddings once
     gpu_blocks = 0
     for lst in sorted(lists):
         for i, block in enumerate(hf.get_submodule(lst)):
@@ -265,6 +267,7 @@ def decoder_main(preset: str, doc: str) -> None:
         print(f"  batch {b1} / batch {b0} throughput: {res['batch_scaling']:.1f}x")
     free(model)
     del model
+    report(res, args.json)
 
     if not args.no_peers:
         def hf_resident():
@@ -285,6 +288,7 @@ def decoder_main(preset: str, doc: str) -> None:
         res["speedup_vs_hf_fp16"] = ratio(res["bminf"][b]["tokens_per_s"], res["hf_fp16"].get(b, {}).get("tokens_per_s"))
         if res["speedup_vs_hf_fp16"]:
             print(f"  bminf / HF fp16 eager (batch {b}): {res['speedup_vs_hf_fp16']:.1f}x")
+        report(res, args.json)
 
     # under a memory budget: bminf streams blocks from pinned memory (eager: no graphs), accelerate offloads
     for text in args.memory_limit:
