@@ -169,8 +169,11 @@ def _hf_runner(hf: nn.Module, kind: str):
 
 
 def _streamed_bytes(model: nn.Module) -> int:
+    """Bytes copied host -> device so far. Lists placed together share one streamer per device, so
+    each device's counter is taken once, not once per list."""
     lists = [getattr(model, n) for n in ("layers", "enc_layers", "dec_layers") if hasattr(model, n)]
-    return sum(b for lst in lists for _, b in getattr(lst, "streamer_stats", {}).values())
+    per_device = {dev: b for lst in lists for dev, (_, b) in getattr(lst, "streamer_stats", {}).items()}
+    return sum(per_device.values())
 
 
 def _accelerate(preset, args, kind, device, limit, reserve, ids, steps):

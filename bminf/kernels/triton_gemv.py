@@ -22,8 +22,14 @@ import torch
 
 MAX_ROWS = 4
 
-# (n, k) -> (BLOCK_N, BLOCK_K, num_warps) for one row; see benchmark/int8_linear.py --sweep
-TABLE: Dict[Tuple[int, int], Tuple[int, int, int]] = {}
+# (n, k) -> (BLOCK_N, BLOCK_K, num_warps) for one row: the fastest of benchmark/int8_linear.py --sweep
+# on an H200 (2026-11-29, Triton 3.6; benchmark/results/h200_gemv_table.json). CPM-2's four shapes
+# reach 46-52% of HBM read bandwidth with these (fp16 cuBLAS: 79-84%).
+TABLE: Dict[Tuple[int, int], Tuple[int, int, int]] = {
+    (4096, 4096): (8, 1024, 4), (10240, 4096): (16, 256, 4), (4096, 10240): (8, 1024, 4),     # CPM-2
+    (2560, 2560): (4, 512, 4), (10240, 2560): (16, 256, 4), (2560, 10240): (4, 1024, 4),      # CPM-1
+    (2048, 2048): (4, 1024, 4), (5120, 2048): (8, 512, 4), (2048, 5120): (4, 1024, 4),        # EVA
+}
 
 
 @functools.lru_cache(maxsize=None)
