@@ -1,5 +1,6 @@
 """The encoder and decoder benchmarks behind ``benchmark/{cpm1,cpm2,eva}/{encoder,decoder}.py``."""
 import dataclasses
+import os
 import time
 from typing import Optional
 
@@ -58,6 +59,19 @@ def encoder_main(preset: str, doc: str) -> None:
     stack = model.layers if kind == "gpt" else model.enc_layers
     ours_encode = (lambda m, i, k: m.hidden_states(i, k)) if kind == "gpt" else (lambda m, i, k: m.encode(i, k))
     run("bminf", model, ours_encode, nbytes(stack.parameters()))
+    # the opt-in W8A8 path (activations rounded to int8 too): speed, and how far its output moves
+    ids = _ids(1, L, cfg.vocab_size, device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        exact = ours_encode(model, ids, mask).float()
+        os.environ["BMINF_PREFILL"] = "w8a8"
+        try:
+            moved = ours_encode(model, ids, mask).float()
+            run("bminf_w8a8", model, ours_encode, nbytes(stack.parameters()))
+        finally:
+            os.environ.pop("BMINF_PREFILL")
+    res["w8a8_output_rel_err"] = float((moved - exact).abs().max() / exact.abs().max())
+    print(f"  W8A8 output vs weight-only: max relative difference {res['w8a8_output_rel_err']:.4f}")
     free(model)
     del model, stack
     if not args.no_peers:
@@ -69,11 +83,12 @@ def encoder_main(preset: str, doc: str) -> None:
             return res["hf_fp16"]
         run_peer(res, "hf_fp16", hf_run)
         free()
-        for b in args.batch_size:
-            x = ratio(res["bminf"][str(b)]["tokens_per_s"], res["hf_fp16"].get(str(b), {}).get("tokens_per_s"))
-            res.setdefault("speedup_vs_hf_fp16", {})[str(b)] = x
-            if x:
-                print(f"  batch {b}: bminf / HF fp16 eager = {x:.2f}x")
+        for name in ("bminf", "bminf_w8a8"):
+            for b in args.batch_size:
+                x = ratio(res[name][str(b)]["tokens_per_s"], res["hf_fp16"].get(str(b), {}).get("tokens_per_s"))
+                res.setdefault(f"speedup_vs_hf_fp16{name[5:]}", {})[str(b)] = x
+                if x:
+                    print(f"  batch {b}: {name} / HF fp16 eager = {x:.2f}x")
     report(res, args.json)
 
 

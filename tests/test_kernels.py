@@ -131,3 +131,21 @@ def test_rms_norm_kernel_on_gpu():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split("worst")[1]) < 1e-3
+
+
+def test_w8a8_path_is_opt_in_and_close(monkeypatch):
+    from bminf.kernels import w8a8
+    q, s = quantize_weight(torch.randn(64, 256))
+    x = torch.randn(40, 256)
+    ref = F.linear(x.double(), q.double() * s.double()[:, None])
+    assert not w8a8.supports(x, q)  # off by default
+    monkeypatch.setenv("BMINF_PREFILL", "w8a8")
+    assert w8a8.supports(x, q) and not w8a8.supports(x[:16], q)  # _int_mm needs 17+ rows
+    bias = torch.randn(64)
+    y = int8_linear(x, q, s, bias)
+    assert y.shape == (40, 64) and y.dtype == x.dtype
+    err = float((y.double() - ref - bias.double()).abs().max() / ref.abs().max())
+    assert 0 < err < 0.02  # activations rounded to int8: visible but small
+    monkeypatch.setenv("BMINF_PREFILL", "int4")
+    with pytest.raises(ValueError, match="BMINF_PREFILL"):
+        int8_linear(x, q, s)
