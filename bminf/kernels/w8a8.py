@@ -8,6 +8,11 @@ the result is scaled by (token scale x row scale) in fp32. Numerics change: each
 rounded to 1/254 of its row's range (relative error of the output ~0.5% on random data; the
 test allows 2%). Off unless ``BMINF_PREFILL=w8a8``.
 
+Measured on the H200 (benchmark/results/h200_cpm2_encoder_run3.json, CPM-2 encoder, 256 tokens) it
+is slower than the default, 4,333 vs 11,041 tokens/s at batch 1 and 26,425 vs 42,508 at batch 8,
+and the encoder output of the random-weight model moved by up to 124% of its largest value: the
+default stays weight-only. Kept for GPUs whose int8 GEMM is relatively faster, and for tuning.
+
 >>> q = torch.randint(-127, 128, (64, 32), dtype=torch.int8)
 >>> y = int8_linear(torch.randn(20, 32), q, torch.full((64,), 0.01, dtype=torch.float16))
 >>> y.shape
