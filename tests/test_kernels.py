@@ -149,3 +149,13 @@ def test_w8a8_path_is_opt_in_and_close(monkeypatch):
     monkeypatch.setenv("BMINF_PREFILL", "int4")
     with pytest.raises(ValueError, match="BMINF_PREFILL"):
         int8_linear(x, q, s)
+
+
+@pytest.mark.gpu
+def test_w8a8_on_gpu(monkeypatch):
+    monkeypatch.setenv("BMINF_PREFILL", "w8a8")
+    q, s = quantize_weight(torch.randn(256, 512))
+    x = torch.randn(100, 512, dtype=torch.float16)
+    ref = F.linear(x.double(), q.double() * s.double()[:, None])
+    y = int8_linear(x.cuda(), q.cuda(), s.cuda())
+    assert float((y.cpu().double() - ref).abs().max() / ref.abs().max()) < 0.02
