@@ -1,11 +1,10 @@
 """Weight-only int8 matmul for CUDA in Triton: ``y = x @ (weight * scale[:, None]).T + bias``.
 
-The portable path dequantizes the whole int8 weight to fp16 in memory (two full fp16 copies)
-before cuBLAS runs, so a decode step reads the weight's bytes five times over. Here the int8 tiles
-are widened in registers and the row scale is applied to the fp32 accumulator, so the weight is
-read once: decode (a few rows of ``x``) runs at the memory-bandwidth limit of int8 weights. Used
-for fp16 inputs with at most ``MAX_ROWS`` rows; larger inputs are compute-bound, where the
-portable path's cuBLAS GEMM wins.
+The portable path dequantizes the int8 weight to fp16 in memory (one kernel) before cuBLAS runs,
+so it moves five bytes per weight. Here the int8 tiles are widened in registers and the row scale
+is applied to the fp32 accumulator, so the weight is read once. 1-4 rows (decode) go to the GEMV
+in ``triton_gemv`` (no tensor cores); 5 to ``MAX_ROWS`` rows to the ``tl.dot`` kernel below;
+larger inputs are compute-bound, where the portable path's cuBLAS GEMM wins.
 """
 import contextlib
 import contextvars
