@@ -311,3 +311,44 @@ def test_gpu_resident_and_offloaded_agree(dirs):
     for text in FILL:
         assert offloaded.fill_blank(text, max_tokens=20, temperature=0) == \
             resident.fill_blank(text, max_tokens=20, temperature=0)
+
+
+def test_static_decode_step_gives_the_same_text(cpm1, cpm2, eva, monkeypatch):
+    """The CUDA-graph decoder's static step (run eagerly here, on the CPU) through the model classes."""
+    from bminf.generation.graphs import GraphedDecoder
+
+    calls = [
+        (cpm1, lambda m: m.generate(PROMPTS, max_tokens=10, temperature=0)),
+        (cpm1, lambda m: m.generate(PROMPTS[0], max_tokens=10, seed=2)),
+        (cpm2, lambda m: m.fill_blank(FILL, max_tokens=20, temperature=0)),
+        (cpm2, lambda m: m.generate(PROMPTS[1], max_tokens=10, temperature=0)),
+        (eva, lambda m: eva.dialogue([CONTEXT, ["你好"]], max_tokens=10, temperature=0)),
+    ]
+    for model, call in calls:
+        expected = call(model)
+        made = []
+
+        def static(batch_size, length, source_length=0, model=model):
+            limit = getattr(model.backbone.config, "max_positions", 4096)
+            extra = dict(max_source_length=64) if source_length else {}
+            made.append(GraphedDecoder(model.backbone, batch_size, min(64, limit), use_graphs=False, **extra))
+            return made[-1]
+
+        monkeypatch.setattr(model, "graphed", static)
+        assert call(model) == expected
+        assert made and made[-1]._kv().length > 1  # the static step really ran
+        monkeypatch.undo()
+    assert cpm1.graphed(1, 10) is None  # on a CPU the model classes decode eagerly
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_give_the_eager_text(dirs):
+    for cls, call in [(bminf.models.CPM1, lambda m: m.generate(PROMPTS, max_tokens=12, temperature=0)),
+                      (bminf.models.CPM2, lambda m: m.fill_blank(FILL, max_tokens=20, temperature=0)),
+                      (bminf.models.EVA, lambda m: m.dialogue(CONTEXT, max_tokens=12, temperature=0))]:
+        kind = cls.model_key
+        graphed = cls(version=dirs[kind], device="cuda")
+        eager = cls(version=dirs[kind], device="cuda", cuda_graphs=False)
+        assert graphed.graphed(1, 8) is not None and eager.graphed(1, 8) is None
+        assert call(graphed) == call(eager)
+        assert call(graphed) == call(graphed)  # replaying the kept decoder again

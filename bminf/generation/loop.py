@@ -38,13 +38,18 @@ def _home(model: torch.nn.Module) -> torch.device:
 
 
 class GPTRunner:
-    """Decoder-only (CPM-1): the prompts left-padded so that every row's next token lands in one column."""
+    """Decoder-only (CPM-1): the prompts left-padded so that every row's next token lands in one column.
 
-    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-        self.model = model
+    ``graphed``: a ``GraphedDecoder`` of the model for this batch size (one-token steps replayed from
+    CUDA graphs, into its own cache), or None to run the model eagerly.
+    """
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, graphed=None):
+        self.model = graphed or model
         self.device = _home(model)
         self.ids, self.mask = pad_rows(prompts, left=True, device=self.device)
-        self.cache = model.new_cache(len(prompts), self.ids.shape[1] + max_new_tokens)
+        self.cache = graphed.new_cache() if graphed else model.new_cache(len(prompts),
+                                                                         self.ids.shape[1] + max_new_tokens)
 
     def start(self) -> torch.Tensor:
         return self.model(self.ids, attention_mask=self.mask, cache=self.cache)[:, -1]
@@ -54,15 +59,17 @@ class GPTRunner:
 
 
 class T5Runner:
-    """Encoder-decoder (CPM-2, EVA): encode once, then decode from a decoder prefix shared by every row."""
+    """Encoder-decoder (CPM-2, EVA): encode once, then decode from a decoder prefix shared by every row.
+    ``graphed`` as for ``GPTRunner``."""
 
     def __init__(self, model, sources: Sequence[Sequence[int]], decoder_prefix: Sequence[int],
-                 max_new_tokens: int):
-        self.model = model
+                 max_new_tokens: int, graphed=None):
+        self.model = graphed or model
         self.device = _home(model)
         self.ids, self.mask = pad_rows(sources, left=False, device=self.device)
         self.prefix = torch.as_tensor([list(decoder_prefix)] * len(sources), dtype=torch.long, device=self.device)
-        self.cache = model.new_cache(self.mask, max_length=len(decoder_prefix) + max_new_tokens)
+        self.cache = graphed.new_cache(self.mask) if graphed else \
+            model.new_cache(self.mask, max_length=len(decoder_prefix) + max_new_tokens)
 
     def start(self) -> torch.Tensor:
         encoded = self.model.encode(self.ids, self.mask)

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import torch
 
-from ..generation import GPTRunner, TextRow
+from ..generation import TextRow
 from ..tokenizers import CPM1Tokenizer
 from .pretrained import Pretrained, as_batch, check_text
 
@@ -86,9 +86,8 @@ class CPM1(Pretrained):
             prompts.append(ids)
         tok = self.tokenizer
         rows = [TextRow(tok.decode, {tok.eod_id}, max_tokens, stops) for _ in prompts]
-        return self._run(lambda: GPTRunner(self.backbone, prompts, max_tokens), rows, prompts, params, single,
-                         stream, lambda row: (row.text, row.stopped), no_penalty=self._no_penalty(),
-                         filtered=self._control_ids())
+        return self._run(prompts, rows, params, single, stream, lambda row: (row.text, row.stopped),
+                         no_penalty=self._no_penalty(), filtered=self._control_ids())
 
     def _no_penalty(self) -> List[int]:
         # ▁ starts nearly every word (BMInf exempts it); <eod> ends the text

@@ -8,7 +8,7 @@ import os
 import re
 from typing import List, Optional
 
-from ..generation import BlankRow, T5Runner, TextRow
+from ..generation import BlankRow, TextRow
 from ..tokenizers import CPM2Tokenizer
 from .cpm1 import check_stop_strings
 from .pretrained import EncoderDecoder, as_batch, check_text, vocab_file
@@ -105,9 +105,8 @@ class CPM2(EncoderDecoder):
             row, positions = row_positions
             return [{"position": p, "text": t} for p, t in zip(positions, row.texts)]
 
-        result = self._run(lambda: T5Runner(self.backbone, sources, prefix, max_tokens), rows, sources, params,
-                           single, stream, lambda row: row, no_penalty=self._no_penalty(),
-                           filtered=self._control_ids())
+        result = self._run(sources, rows, params, single, stream, lambda row: row, no_penalty=self._no_penalty(),
+                           filtered=self._control_ids(), decoder_prefix=prefix)
         if stream:
             return _positions(result, all_positions, single)
         if single:
@@ -136,9 +135,8 @@ class CPM2(EncoderDecoder):
         rows = [TextRow(tok.decode, set(tok.sentinel_ids) | {tok.eod_id}, max_tokens, stops) for _ in sources]
         # <s> then the blank's sentinel forced, so every sampled token is text (BMInf 1.x dropped one unchecked)
         prefix = [tok.sod_id, span]
-        return self._run(lambda: T5Runner(self.backbone, sources, prefix, max_tokens), rows, sources, params,
-                         single, stream, lambda row: (row.text, row.stopped), no_penalty=self._no_penalty(),
-                         filtered=self._control_ids())
+        return self._run(sources, rows, params, single, stream, lambda row: (row.text, row.stopped),
+                         no_penalty=self._no_penalty(), filtered=self._control_ids(), decoder_prefix=prefix)
 
     def _no_penalty(self) -> List[int]:
         # the blanks' markers carry structure, not content: never penalize them

@@ -6,7 +6,7 @@
 """
 from typing import List, Optional
 
-from ..generation import T5Runner, TextRow
+from ..generation import TextRow
 from ..tokenizers import EVATokenizer
 from .pretrained import EncoderDecoder, as_batch, check_text, vocab_file
 
@@ -46,9 +46,9 @@ class EVA(EncoderDecoder):
         tok = self.tokenizer
         rows = [TextRow(tok.decode, {tok.sep_id, tok.eod_id}, max_tokens) for _ in sources]
         prefix = [tok.get_span(0)]
-        return self._run(lambda: T5Runner(self.backbone, sources, prefix, max_tokens), rows, sources, params,
-                         single, stream, lambda row: (row.text, row.stopped), no_penalty=self._no_penalty(),
-                         filtered=self._control_ids(keep=["<sep>"]) + tok.sentinel_ids)
+        return self._run(sources, rows, params, single, stream, lambda row: (row.text, row.stopped),
+                         no_penalty=self._no_penalty(), filtered=self._control_ids(keep=["<sep>"]) + tok.sentinel_ids,
+                         decoder_prefix=prefix)
 
     def _context_ids(self, context, name: str, limit: int) -> List[int]:
         """``enc(u) + [<sep>]`` for each utterance, then ``<s_0>``; the oldest utterances dropped to fit."""

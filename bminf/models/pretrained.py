@@ -8,12 +8,13 @@ tokenizer, placing it on a device within a memory budget, and running the genera
 import logging
 import os
 import sys
+from collections import OrderedDict
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ..generation import SamplingParams, decode
+from ..generation import GPTRunner, SamplingParams, T5Runner, decode
 from ..units import parse_dtype, parse_size
 
 __all__ = ["Pretrained", "EncoderDecoder", "resolve_version", "available_version"]
@@ -134,7 +135,7 @@ class Pretrained(nn.Module):
 
     def __init__(self, device_idx: Optional[int] = None, dynamic_memory: Union[int, str] = 512 << 20,
                  memory_limit: Union[int, str, None] = None, version: Optional[str] = None, *,
-                 device=None, dtype=None, quantization: bool = True):
+                 device=None, dtype=None, quantization: bool = True, cuda_graphs: bool = True):
         super().__init__()
         from .. import hub
         from ..checkpoint import load_model
@@ -147,8 +148,9 @@ class Pretrained(nn.Module):
         if limit is not None and device.type != "cuda":
             raise ValueError(f"memory_limit caps GPU memory, but device is {device}; leave it out on a CPU")
         dtype = parse_dtype(dtype) if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32)
-        if not isinstance(quantization, bool):
-            raise TypeError(f"quantization must be True or False, got {quantization!r}")
+        for name, flag in (("quantization", quantization), ("cuda_graphs", cuda_graphs)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         directory = resolve_version(self.model_key, version)
 
         released = version in (None, hub.LATEST[self.model_key])
@@ -163,6 +165,8 @@ class Pretrained(nn.Module):
         self.version, self.directory = version or hub.LATEST[self.model_key], directory
         self.backbone = self._place(backbone, device, limit, reserve)
         self.device, self.dtype = device, dtype
+        self.cuda_graphs = cuda_graphs
+        self._graphed: "OrderedDict[tuple, object]" = OrderedDict()
 
     @classmethod
     def available(cls, version: Optional[str] = None, **kwargs) -> "Pretrained":
@@ -197,8 +201,32 @@ class Pretrained(nn.Module):
         names = [n for n in ("<unk>", "<s>", "</s>", "<sep>", "<pad>", "<mask>") if n not in keep]
         return [i for i in map(self.tokenizer.token_to_id, names) if i is not None]
 
+    def graphed(self, batch_size: int, length: int, source_length: int = 0):
+        """A ``GraphedDecoder`` for ``batch_size`` rows of up to ``length`` cached tokens (and, for T5,
+        ``source_length`` encoder tokens), or None where decode steps run eagerly: off CUDA, with
+        ``cuda_graphs=False``, or when blocks stream from host memory. Decoders are kept for the next
+        call (their graphs take a moment to capture), the two most recently used of them."""
+        from ..generation.graphs import GraphedDecoder, _streams_or_splits
+
+        layers = getattr(self.backbone, "dec_layers", None) or self.backbone.layers
+        if not self.cuda_graphs or self.device.type != "cuda" or _streams_or_splits(layers):
+            return None
+        # round up, so that calls of similar sizes share a decoder (and its graphs)
+        length = _round_up(length, getattr(self.backbone.config, "max_positions", None))
+        source = _round_up(source_length, self.max_input_tokens) if source_length else 0
+        key = (batch_size, length, source)
+        decoder = self._graphed.pop(key, None)
+        if decoder is None:
+            while len(self._graphed) >= 2:
+                self._graphed.popitem(last=False)  # its caches and graph memory go with it
+            kwargs = dict(max_source_length=source) if source else {}
+            decoder = GraphedDecoder(self.backbone, batch_size, length, **kwargs)
+        self._graphed[key] = decoder
+        return decoder
+
     def free(self) -> None:
-        """BMInf 1.x freed its dynamic memory pool here; bminf's caches live only during a call."""
+        """Drop the kept CUDA-graph decoders and their caches (BMInf 1.x freed its memory pool here)."""
+        self._graphed.clear()
 
     def extra_repr(self) -> str:
         return f"version={self.version!r}, device={self.device}, dtype={self.dtype}"
@@ -215,12 +243,14 @@ class Pretrained(nn.Module):
             raise TypeError(f"stream must be True or False, got {stream!r}")
         return stream
 
-    def _run(self, runner: Callable[[], object], rows: List, prompts: Sequence[Sequence[int]],
-             params: SamplingParams, single: bool, stream: bool, finish: Callable, no_penalty: Sequence[int] = (),
-             filtered: Sequence[int] = ()):
-        """Run the loop over ``rows``; ``runner`` builds the runner when compute starts (after every check)."""
+    def _run(self, inputs: List[List[int]], rows: List, params: SamplingParams, single: bool, stream: bool,
+             finish: Callable, no_penalty: Sequence[int] = (), filtered: Sequence[int] = (),
+             decoder_prefix: Optional[Sequence[int]] = None):
+        """Generate for ``inputs`` (GPT prompts, or T5 encoder inputs when ``decoder_prefix`` is given)
+        with one row each; compute starts only here, after every argument was checked."""
         def events() -> Iterator:
-            yield from decode(runner(), rows, params, prompts, self.tokenizer.vocab_size, no_penalty, filtered)
+            yield from decode(self._runner(inputs, params.max_tokens, decoder_prefix), rows, params, inputs,
+                              self.tokenizer.vocab_size, no_penalty, filtered)
 
         if stream:
             return _pieces(events(), single)
@@ -228,6 +258,14 @@ class Pretrained(nn.Module):
             pass
         results = [finish(row) for row in rows]
         return results[0] if single else results
+
+    def _runner(self, inputs: List[List[int]], max_tokens: int, decoder_prefix: Optional[Sequence[int]]):
+        longest = max(map(len, inputs))
+        if decoder_prefix is None:
+            graphed = self.graphed(len(inputs), longest + max_tokens)
+            return GPTRunner(self.backbone, inputs, max_tokens, graphed)
+        graphed = self.graphed(len(inputs), len(decoder_prefix) + max_tokens, longest)
+        return T5Runner(self.backbone, inputs, decoder_prefix, max_tokens, graphed)
 
 
 class EncoderDecoder(Pretrained):
@@ -258,6 +296,14 @@ def vocab_file(directory: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: no vocab.txt beside the checkpoint")
     return path
+
+
+def _round_up(n: int, cap: Optional[int]) -> int:
+    """The next power of two from 64, at most ``cap``."""
+    size = 64
+    while size < n:
+        size *= 2
+    return min(size, cap) if cap else size
 
 
 def _pieces(events: Iterator, single: bool) -> Iterator:
