@@ -25,7 +25,7 @@ __all__ = ["main", "COMMANDS", "Command", "arg", "build_parser", "positive_float
 
 # Kept here, not imported, so that parsing needs no heavy import; tests check them against the library.
 CONVERT_FORMATS = ("bminf", "safetensors", "hf")
-CONVERT_PRESETS = ("cpm1", "cpm2", "eva", "cpm1-new", "cpm2.1-new", "eva-int8-new")
+CONVERT_PRESETS = ("cpm1", "cpm2", "eva", "cpm1-new", "cpm2.1-new", "eva-int8-new", "cpm1-demo", "cpm2-demo", "eva-demo")
 CONVERT_DTYPES = ("float16", "float32")
 
 Arg = Tuple[Tuple[str, ...], dict]
