@@ -11,7 +11,9 @@ import json
 import os
 import pickle
 import re
+import struct
 import zipfile
+import zlib
 from contextlib import ExitStack
 from typing import Dict, Tuple, Union
 
@@ -166,6 +168,75 @@ def read_hf_config(directory: Union[str, os.PathLike]) -> GPTConfig:
         raise CheckpointError(f"{path}: invalid GPT-2 config: {e}") from None
 
 
+# what torch.load's unpickler raises on damaged bytes (a flipped bit in a legacy file gives IndexError,
+# KeyError or a failed assert from deep inside it); all of them mean the same thing to the user
+_CORRUPT_PICKLE = (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+                   AssertionError, struct.error, OverflowError, MemoryError)
+# what zipfile raises on a damaged archive: bad names (UnicodeDecodeError), unknown compression, bad streams
+_CORRUPT_ZIP = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, IndexError, NotImplementedError,
+                RuntimeError, struct.error, zlib.error)
+
+
+# element sizes of the storage classes a legacy (pre-1.6) torch.save file names
+_LEGACY_STORAGE_BYTES = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+                         "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+                         "BoolStorage": 1}
+
+
+class _Stub:
+    """Stands for any global a legacy file names; calls, items and state set on it are ignored."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _DeclaredStorages(pickle.Unpickler):
+    """Reads one pickle of a legacy torch file building nothing, recording each storage's declared bytes."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.nbytes: Dict[str, int] = {}
+
+    def find_class(self, module, name):
+        return _Stub(name)
+
+    def persistent_load(self, pid):
+        # ('storage', storage class, key, location, numel, view metadata)
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        size = _LEGACY_STORAGE_BYTES.get(getattr(pid[1], "name", None))
+        if size is None or pid[4] < 0:
+            raise pickle.UnpicklingError(f"storage {pid[2]!r:.40} of unknown type or size")
+        self.nbytes[str(pid[2])] = pid[4] * size
+
+
+def _check_legacy_sizes(path: str) -> None:
+    """torch.load allocates the storages a legacy file declares before reading their bytes: refuse
+    declarations the file cannot hold, so a corrupt size never becomes a huge allocation."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            for _ in range(3):  # magic number, protocol version, system info
+                _DeclaredStorages(f).load()
+            scan = _DeclaredStorages(f)
+            scan.load()
+        except (pickle.UnpicklingError,) + _CORRUPT_PICKLE as e:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
+                                  f"{type(e).__name__}: {str(e)[:200]}") from None
+    declared = sum(scan.nbytes.values())
+    if declared > size:
+        raise CheckpointError(f"{path}: corrupt: its tensors declare {declared} bytes, but the file has {size}")
+
+
 def _torch_load(path: str) -> Dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         is_zip = f.read(2) == b"PK"
@@ -174,10 +245,12 @@ def _torch_load(path: str) -> Dict[str, torch.Tensor]:
         try:
             with zipfile.ZipFile(path) as z:
                 bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except _CORRUPT_ZIP as e:
             raise CheckpointError(f"{path}: not a readable zip archive (truncated or corrupt?): {e}") from None
         if bad is not None:
             raise CheckpointError(f"{path}: corrupt: checksum mismatch in {bad}")
+    else:
+        _check_legacy_sizes(path)
     try:
         # weights_only=True uses torch's restricted unpickler: it rebuilds tensors and plain containers
         # only and refuses every other global, so a malicious pickle cannot run code. mmap leaves the
@@ -186,7 +259,7 @@ def _torch_load(path: str) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused: it pickles objects other than tensors "
                               f"({str(e).splitlines()[-1][:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except _CORRUPT_PICKLE as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
                               f"{type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -286,7 +359,10 @@ def load_hf_gpt(path: Union[str, os.PathLike], quantize: bool = True) -> GPT:
             for name, value in gpt_from_hf({k: source.get(k) for k in keys}, where).items():
                 layer = name.rpartition(".")[0]
                 if layer in int8 and name.endswith(".weight"):
-                    q, scale = quantize_weight(value)
+                    try:
+                        q, scale = quantize_weight(value, name)
+                    except ValueError as e:  # inf/NaN or rows too large: corrupt or not CPM-1's weights
+                        raise CheckpointError(f"{where}: {e}") from None
                     copy_into(dest[name], q)
                     copy_into(dest[f"{layer}.scale"], scale)
                 else:
