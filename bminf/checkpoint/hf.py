@@ -9,11 +9,7 @@ ours are ``nn.Linear`` (out, in) with separate projections, as in BMInf's checkp
 """
 import json
 import os
-import pickle
 import re
-import struct
-import zipfile
-import zlib
 from contextlib import ExitStack
 from typing import Dict, Tuple, Union
 
@@ -25,6 +21,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..quantization import QuantizedLinear, dequantize_state_dict, quantize_weight
 from .common import CheckpointError, build_model, copy_into, materialize_, write_atomic
 from .safetensors_format import open_safetensors, tensor_specs
+from .torch_file import load_torch_state
 
 # HF GPT-2 state dicts may carry these non-parameter buffers and the tied head; none is a weight of ours
 _HF_IGNORED = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
@@ -168,106 +165,6 @@ def read_hf_config(directory: Union[str, os.PathLike]) -> GPTConfig:
         raise CheckpointError(f"{path}: invalid GPT-2 config: {e}") from None
 
 
-# what torch.load's unpickler raises on damaged bytes (a flipped bit in a legacy file gives IndexError,
-# KeyError or a failed assert from deep inside it); all of them mean the same thing to the user
-_CORRUPT_PICKLE = (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
-                   AssertionError, struct.error, OverflowError, MemoryError)
-# what zipfile raises on a damaged archive: bad names (UnicodeDecodeError), unknown compression, bad streams
-_CORRUPT_ZIP = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, IndexError, NotImplementedError,
-                RuntimeError, struct.error, zlib.error)
-
-
-# element sizes of the storage classes a legacy (pre-1.6) torch.save file names
-_LEGACY_STORAGE_BYTES = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
-                         "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
-                         "BoolStorage": 1}
-
-
-class _Stub:
-    """Stands for any global a legacy file names; calls, items and state set on it are ignored."""
-
-    def __init__(self, name: str = ""):
-        self.name = name
-
-    def __call__(self, *args, **kwargs):
-        return _Stub()
-
-    def __setitem__(self, key, value):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-class _DeclaredStorages(pickle.Unpickler):
-    """Reads one pickle of a legacy torch file building nothing, recording each storage's declared bytes."""
-
-    def __init__(self, f):
-        super().__init__(f)
-        self.nbytes: Dict[str, int] = {}
-
-    def find_class(self, module, name):
-        return _Stub(name)
-
-    def persistent_load(self, pid):
-        # ('storage', storage class, key, location, numel, view metadata)
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-        size = _LEGACY_STORAGE_BYTES.get(getattr(pid[1], "name", None))
-        if size is None or pid[4] < 0:
-            raise pickle.UnpicklingError(f"storage {pid[2]!r:.40} of unknown type or size")
-        self.nbytes[str(pid[2])] = pid[4] * size
-
-
-def _check_legacy_sizes(path: str) -> None:
-    """torch.load allocates the storages a legacy file declares before reading their bytes: refuse
-    declarations the file cannot hold, so a corrupt size never becomes a huge allocation."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            for _ in range(3):  # magic number, protocol version, system info
-                _DeclaredStorages(f).load()
-            scan = _DeclaredStorages(f)
-            scan.load()
-        except (pickle.UnpicklingError,) + _CORRUPT_PICKLE as e:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-                                  f"{type(e).__name__}: {str(e)[:200]}") from None
-    declared = sum(scan.nbytes.values())
-    if declared > size:
-        raise CheckpointError(f"{path}: corrupt: its tensors declare {declared} bytes, but the file has {size}")
-
-
-def _torch_load(path: str) -> Dict[str, torch.Tensor]:
-    with open(path, "rb") as f:
-        is_zip = f.read(2) == b"PK"
-    if is_zip:
-        # torch never checks the zip's CRCs, so a flipped byte in the data would load as garbage
-        try:
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()
-        except _CORRUPT_ZIP as e:
-            raise CheckpointError(f"{path}: not a readable zip archive (truncated or corrupt?): {e}") from None
-        if bad is not None:
-            raise CheckpointError(f"{path}: corrupt: checksum mismatch in {bad}")
-    else:
-        _check_legacy_sizes(path)
-    try:
-        # weights_only=True uses torch's restricted unpickler: it rebuilds tensors and plain containers
-        # only and refuses every other global, so a malicious pickle cannot run code. mmap leaves the
-        # weights in the page cache instead of copying them all into memory at once.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: it pickles objects other than tensors "
-                              f"({str(e).splitlines()[-1][:200]})") from None
-    except _CORRUPT_PICKLE as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return state
-
-
 def _hf_files(path: str) -> list:
     """The weight files to read: ``path`` itself if a file, else the directory's single file
     (safetensors preferred) or the shards its index lists."""
@@ -301,7 +198,7 @@ class _HFTensors:
                     self.specs[name] = spec
                     self._get[name] = (f, name, path)
             else:
-                for name, t in _torch_load(path).items():
+                for name, t in load_torch_state(path).items():
                     self.specs[name] = (tuple(t.shape), t.dtype)
                     self._get[name] = t
 
@@ -319,7 +216,7 @@ def _st_get(f, name: str, path: str) -> torch.Tensor:
 
 def load_hf_gpt(path: Union[str, os.PathLike], quantize: bool = True) -> GPT:
     """Load HF-format CPM-1 (``GPT2LMHeadModel``: ``config.json`` + ``pytorch_model.bin`` or
-    ``model.safetensors``) as our GPT, int8 by default. No pickle code runs (see ``_torch_load``).
+    ``model.safetensors``) as our GPT, int8 by default. No pickle code runs (see ``load_torch_state``).
 
     Block by block, so peak memory is the finished model plus one block of float weights; linears
     are quantized as they arrive, never held as a whole float model.
