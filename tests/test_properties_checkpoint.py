@@ -9,27 +9,11 @@ import struct
 import pytest
 import torch
 from hypothesis import example, given, strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bminf.checkpoint import CheckpointError, bminf_format, load_hf_gpt, load_pretrained, save_model
 from bminf.models.gpt import GPTConfig
 from bminf.quantization import quantize_
-from helpers import TINY_GPT, hf_gpt2, tiny_gpt
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any torch op creates on a real device (meta tensors cost nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
+from helpers import TINY_GPT, LargestAllocation, hf_gpt2, tiny_gpt
 
 
 def check_reader(read, path: str, size: int):
