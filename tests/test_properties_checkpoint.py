@@ -7,6 +7,8 @@ import shutil
 import struct
 
 import pytest
+
+pytest.importorskip("hypothesis")
 import torch
 from hypothesis import example, given, strategies as st
 

@@ -2,6 +2,8 @@
 decodes without error, and decode(encode(s)) gives back ``s`` up to exactly the changes reference §4.4
 allows (full-width folding, out-of-vocabulary characters as ``<unk>``, marks, CPM-1's ``▁``)."""
 import pytest
+
+pytest.importorskip("hypothesis")
 from hypothesis import given, strategies as st
 
 from bminf.tokenizers import CPM1Tokenizer, CPM2Tokenizer
