@@ -24,7 +24,7 @@ setup(
         "filelock>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "triton; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "triton; platform_system == 'Linux'"],
         "gpu": ["triton"],
     },
     entry_points={"console_scripts": ["bminf=bminf.cli:main"]},

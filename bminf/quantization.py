@@ -56,10 +56,10 @@ def quantize_weight(weight: torch.Tensor, name: str = "weight") -> Tuple[torch.T
     if torch.isinf(scale).any():
         raise ValueError(f"cannot quantize {name}: rows {_rows(torch.isinf(scale))} are too large for an fp16 "
                          f"scale (absmax > 127 * 65504)")
-    s = scale.float()[:, None]
-    # all-zero rows have scale 0 and quantize to 0 instead of NaN
-    q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, 1.0)), 0.0).clamp_(-127, 127)
-    levels = q.abs().amax(dim=1)
+    s = torch.where(scale > 0, scale.float(), 1.0)[:, None]
+    # all-zero rows have scale 0; dividing them by 1 instead quantizes them to 0, not NaN
+    q = torch.round(w / s).clamp_(-127, 127)
+    levels = torch.round(absmax / s[:, 0])  # each row's largest |q|, from the row's extreme
     vanished = (levels == 0) & (absmax > 0)
     if vanished.any():
         raise ValueError(f"cannot quantize {name}: rows {_rows(vanished)} have absmax below {_FP16_STEP / 2:.3g} "
@@ -67,7 +67,7 @@ def quantize_weight(weight: torch.Tensor, name: str = "weight") -> Tuple[torch.T
                          "keep this layer in float (quantize_'s predicate)")
     few = (levels < _FEW_LEVELS) & (absmax > 0)
     if few.any():
-        worst = float((s[:, 0] / (2 * absmax.clamp(min=1e-30)))[few].max())
+        worst = float((scale.float() / (2 * absmax.clamp(min=1e-30)))[few].max())
         warnings.warn(f"{name}: rows {_rows(few)} are so small (absmax < {_FEW_LEVELS * _FP16_STEP:.3g}) that "
                       f"the fp16 scale leaves them fewer than {_FEW_LEVELS} int8 levels; relative error up to "
                       f"{worst:.2%} of the row's absmax (0.39% elsewhere)", stacklevel=2)

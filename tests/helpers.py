@@ -1,5 +1,6 @@
 """Tiny configs, random weights and HF rename tables shared by the backbone and checkpoint tests."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bminf.models.gpt import GPT, GPTConfig
 from bminf.models.t5 import T5, T5Config
@@ -98,6 +99,21 @@ def hf_t5(model: T5, state=None):
     hf.lm_head.weight = torch.nn.Parameter(head.clone())
     assert not getattr(hf.config, "scale_decoder_outputs", False)
     return hf
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any torch op creates on a real device (meta tensors cost nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

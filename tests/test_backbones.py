@@ -212,11 +212,19 @@ def test_t5_config_is_validated(field, value, error, message):
 
 
 def test_t5_refuses_inputs_beyond_max_length_before_allocating():
+    from helpers import LargestAllocation
     model = tiny_t5(max_length=16)
     # 100k ids: refused from the length alone, before the embedding or any attention is allocated
     huge = torch.zeros(1, 100_000, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"input_ids has 100000 tokens, more than the model's max_length \(16\)"):
+    watch = LargestAllocation()
+    with watch, pytest.raises(ValueError, match=r"input_ids has 100000 tokens, more than the model's max_length \(16\)"):
         model.encode(huge)
+    gpt, embeds = tiny_gpt(), torch.zeros(1, 100_000, 32)
+    with watch, pytest.raises(ValueError, match=r"100000 tokens exceed the model's 64 positions \(max_positions\)"):
+        gpt(huge)
+    with watch, pytest.raises(ValueError, match=r"100000 tokens exceed"):
+        gpt(inputs_embeds=embeds)
+    assert watch.largest < 100_000  # the 100k-token embedding (12.8 MB here) was never made
     with pytest.raises(ValueError, match=r"decoder_input_ids has 17 tokens, more than the model's max_length"):
         model.decode(torch.zeros(1, 17, dtype=torch.long), torch.zeros(1, 4, 32))
     with pytest.raises(ValueError, match=r"max_length 17 exceeds the model's max_length \(16\)"):
@@ -226,11 +234,16 @@ def test_t5_refuses_inputs_beyond_max_length_before_allocating():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         model.new_cache(torch.ones(0, 4, dtype=torch.bool), max_length=8)
     assert model.encode(torch.ones(1, 16, dtype=torch.long)).shape == (1, 16, 32)
-    gpt = tiny_gpt()
     with pytest.raises(ValueError, match=r"max_length 65 exceeds the model's max_positions \(64\)"):
         gpt.new_cache(1, 65)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         gpt.new_cache(2.0, 8)
+    with pytest.raises(TypeError, match="encoder_mask must be a .* tensor, got list"):
+        model.new_cache([[1, 1]])
+    with pytest.raises(TypeError, match="input_ids must be a tensor of token ids, got list"):
+        gpt([[1, 2]])
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, seq, 32\), got \(1, 3, 5\)"):
+        gpt(inputs_embeds=torch.zeros(1, 3, 5))
 
 
 @pytest.mark.parametrize("quantized", [False, True])

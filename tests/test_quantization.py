@@ -156,6 +156,8 @@ def test_dtype_casts_keep_the_scale_fp16(cast):
     out = cast(net)
     assert out[0].scale.dtype == torch.float16 and torch.equal(out[0].scale, scale)
     assert out[0].weight.dtype == torch.int8
+    moved = out.to("meta", torch.bfloat16)  # a device move still moves the scale
+    assert moved[0].scale.is_meta and moved[0].scale.dtype == torch.float16
 
 
 def test_scale_stays_fp16_through_model_casts_and_save(tmp_path):

@@ -393,5 +393,10 @@ def test_bad_vocab_files_name_the_file(tmp_path):
         CPM1Tokenizer(tmp_path)
     with pytest.raises(TypeError, match="vocab_path must be a path"):
         CPM2Tokenizer(None)
+    good = write_vocab(tmp_path / "good.txt", T5_VOCAB)
+    with pytest.raises(TypeError, match="expected_size must be an int, got str '40'"):
+        CPM2Tokenizer(good, expected_size="40", n_sentinels=4)
+    with pytest.raises(ValueError, match="n_sentinels must be >= 0, got -1"):
+        CPM2Tokenizer(good, n_sentinels=-1)
     with pytest.raises(FileNotFoundError, match=r"sentencepiece model .*nope\.model does not exist"):
         CPM1Tokenizer.from_sentencepiece(tmp_path / "nope.model")

@@ -9,9 +9,7 @@ ours are ``nn.Linear`` (out, in) with separate projections, as in BMInf's checkp
 """
 import json
 import os
-import pickle
 import re
-import zipfile
 from contextlib import ExitStack
 from typing import Dict, Tuple, Union
 
@@ -23,6 +21,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..quantization import QuantizedLinear, dequantize_state_dict, quantize_weight
 from .common import CheckpointError, build_model, copy_into, materialize_, write_atomic
 from .safetensors_format import open_safetensors, tensor_specs
+from .torch_file import load_torch_state
 
 # HF GPT-2 state dicts may carry these non-parameter buffers and the tied head; none is a weight of ours
 _HF_IGNORED = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
@@ -166,35 +165,6 @@ def read_hf_config(directory: Union[str, os.PathLike]) -> GPTConfig:
         raise CheckpointError(f"{path}: invalid GPT-2 config: {e}") from None
 
 
-def _torch_load(path: str) -> Dict[str, torch.Tensor]:
-    with open(path, "rb") as f:
-        is_zip = f.read(2) == b"PK"
-    if is_zip:
-        # torch never checks the zip's CRCs, so a flipped byte in the data would load as garbage
-        try:
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise CheckpointError(f"{path}: not a readable zip archive (truncated or corrupt?): {e}") from None
-        if bad is not None:
-            raise CheckpointError(f"{path}: corrupt: checksum mismatch in {bad}")
-    try:
-        # weights_only=True uses torch's restricted unpickler: it rebuilds tensors and plain containers
-        # only and refuses every other global, so a malicious pickle cannot run code. mmap leaves the
-        # weights in the page cache instead of copying them all into memory at once.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: it pickles objects other than tensors "
-                              f"({str(e).splitlines()[-1][:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return state
-
-
 def _hf_files(path: str) -> list:
     """The weight files to read: ``path`` itself if a file, else the directory's single file
     (safetensors preferred) or the shards its index lists."""
@@ -228,7 +198,7 @@ class _HFTensors:
                     self.specs[name] = spec
                     self._get[name] = (f, name, path)
             else:
-                for name, t in _torch_load(path).items():
+                for name, t in load_torch_state(path).items():
                     self.specs[name] = (tuple(t.shape), t.dtype)
                     self._get[name] = t
 
@@ -246,7 +216,7 @@ def _st_get(f, name: str, path: str) -> torch.Tensor:
 
 def load_hf_gpt(path: Union[str, os.PathLike], quantize: bool = True) -> GPT:
     """Load HF-format CPM-1 (``GPT2LMHeadModel``: ``config.json`` + ``pytorch_model.bin`` or
-    ``model.safetensors``) as our GPT, int8 by default. No pickle code runs (see ``_torch_load``).
+    ``model.safetensors``) as our GPT, int8 by default. No pickle code runs (see ``load_torch_state``).
 
     Block by block, so peak memory is the finished model plus one block of float weights; linears
     are quantized as they arrive, never held as a whole float model.
@@ -286,7 +256,10 @@ def load_hf_gpt(path: Union[str, os.PathLike], quantize: bool = True) -> GPT:
             for name, value in gpt_from_hf({k: source.get(k) for k in keys}, where).items():
                 layer = name.rpartition(".")[0]
                 if layer in int8 and name.endswith(".weight"):
-                    q, scale = quantize_weight(value)
+                    try:
+                        q, scale = quantize_weight(value, name)
+                    except ValueError as e:  # inf/NaN or rows too large: corrupt or not CPM-1's weights
+                        raise CheckpointError(f"{where}: {e}") from None
                     copy_into(dest[name], q)
                     copy_into(dest[f"{layer}.scale"], scale)
                 else:

@@ -91,17 +91,23 @@ class GPT(nn.Module):
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             check_ids(input_ids, self.config.vocab_size, step=cache is not None)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+            raise ValueError(f"inputs_embeds must be (batch, seq, {self.config.d_model}), "
+                             f"got {tuple(inputs_embeds.shape)}")
+        # refuse over-long inputs before the embedding is allocated
+        start = cache.length if cache is not None else 0
+        batch, seq = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        if start + seq > self.config.max_positions:
+            raise ValueError(f"{start + seq} tokens exceed the model's {self.config.max_positions} positions "
+                             "(max_positions)")
+        if inputs_embeds is None:
             x = self.token_embedding(input_ids)
         else:
             x = inputs_embeds.to(self.token_embedding.weight.dtype)
-        batch, seq = x.shape[:2]
         mask = torch.ones(batch, seq, dtype=torch.bool, device=x.device) if attention_mask is None \
             else attention_mask.to(device=x.device, dtype=torch.bool)
         if mask.shape != (batch, seq):
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match input {(batch, seq)}")
-        start = cache.length if cache is not None else 0
-        if start + seq > self.config.max_positions:
-            raise ValueError(f"{start + seq} tokens exceed the model's {self.config.max_positions} positions")
 
         # absolute position = number of real tokens before this one in its row
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)

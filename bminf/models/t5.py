@@ -126,6 +126,9 @@ class T5(nn.Module):
 
     ``forward(input_ids, attention_mask=None, decoder_input_ids=..., decoder_attention_mask=None) -> logits``;
     for generation, ``encode`` once, then ``decode`` step by step with a cache from ``new_cache``.
+    Inputs longer than ``config.max_length`` are refused. Padding may sit on either side of the
+    decoder input: relative positions count real tokens only. In fp16, activations that overflow
+    are clamped as HF's T5 does (``clamp_fp16``).
 
     >>> cfg = T5Config(vocab_size=40, d_model=16, d_ff=32, n_heads=2, d_head=8, n_encoder_layers=1, n_decoder_layers=1)
     >>> T5(cfg)(torch.tensor([[3, 4, 5]]), decoder_input_ids=torch.tensor([[1]])).shape
@@ -183,9 +186,10 @@ class T5(nn.Module):
     def new_cache(self, encoder_mask: torch.Tensor, max_length: int = 256, dtype=None, device=None) -> T5Cache:
         """A decoder cache for a batch whose encoder mask is ``encoder_mask`` (batch, source_len)."""
         c, w = self.config, self.input_embedding.weight
-        if not isinstance(encoder_mask, torch.Tensor) or encoder_mask.dim() != 2:
-            raise ValueError(f"encoder_mask must be a (batch, source_len) tensor, got "
-                             f"{tuple(encoder_mask.shape) if isinstance(encoder_mask, torch.Tensor) else encoder_mask!r}")
+        if not isinstance(encoder_mask, torch.Tensor):
+            raise TypeError(f"encoder_mask must be a (batch, source_len) tensor, got {type(encoder_mask).__name__}")
+        if encoder_mask.dim() != 2:
+            raise ValueError(f"encoder_mask must be (batch, source_len), got shape {tuple(encoder_mask.shape)}")
         batch, source_len = encoder_mask.shape
         check_cache_size(batch, max_length, c.max_length, "max_length")
         if source_len > c.max_length:

@@ -168,6 +168,13 @@ class VocabTokenizer:
 
     def _setup(self, tokens: List[str], source: str, expected_size: Optional[int], n_sentinels: int,
                n_blank: int = 0, required: Sequence[str] = ()) -> None:
+        checks = [("n_sentinels", n_sentinels, 0)] + ([("expected_size", expected_size, 1)] if expected_size is not None
+                                                      else [])
+        for arg, value, low in checks:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
+            if value < low:
+                raise ValueError(f"{arg} must be >= {low}, got {value}")
         self.source = source
         self._tokens = tokens
         self._ids: Dict[str, int] = {}
