@@ -297,20 +297,32 @@ def test_float_weights_give_the_same_greedy_text(dirs, cpm2):
 
 
 @pytest.mark.gpu
-def test_gpu_resident_and_offloaded_agree(dirs):
-    resident = bminf.models.CPM2(version=dirs["cpm2"], device="cuda")
+def test_gpu_resident_and_offloaded_agree(tmp_path):
+    """Streamed blocks compute with the same weights: the eager paths agree bit for bit, and so do the
+    CUDA-graph decode (resident) and the static step (streamed)."""
+    directory = make_model_dir(str(tmp_path), "cpm2", n_encoder_layers=6, n_decoder_layers=6)
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    before = torch.cuda.memory_allocated()
+    resident = bminf.models.CPM2(version=directory, device="cuda", cuda_graphs=False)
+    model_bytes = torch.cuda.memory_allocated() - before
     block = sum(p.numel() * p.element_size() for p in resident.backbone.dec_layers[0].parameters())
-    limit = base + 6 * block + (8 << 20)
-    del resident
+    expected = {}
+    for graphs in (False, True):
+        resident.cuda_graphs = graphs
+        expected[graphs] = [resident.fill_blank(text, max_tokens=20, temperature=0) for text in FILL]
+    del resident  # the budget counts everything allocated on the device
     torch.cuda.empty_cache()
-    offloaded = bminf.models.CPM2(version=dirs["cpm2"], device="cuda", memory_limit=limit, dynamic_memory=8 << 20)
-    resident = bminf.models.CPM2(version=dirs["cpm2"], device="cuda")
-    assert offloaded.backbone.enc_layers.streamed_blocks or offloaded.backbone.dec_layers.streamed_blocks
-    for text in FILL:
-        assert offloaded.fill_blank(text, max_tokens=20, temperature=0) == \
-            resident.fill_blank(text, max_tokens=20, temperature=0)
+    # two decoder blocks short of everything resident: some blocks must stream
+    limit = before + model_bytes + (16 << 20) - 2 * block
+    for graphs in (False, True):
+        torch.cuda.reset_peak_memory_stats()
+        offloaded = bminf.models.CPM2(version=directory, device="cuda", memory_limit=limit,
+                                      dynamic_memory=16 << 20, cuda_graphs=graphs)
+        assert offloaded.backbone.enc_layers.streamed_blocks or offloaded.backbone.dec_layers.streamed_blocks
+        assert [offloaded.fill_blank(text, max_tokens=20, temperature=0) for text in FILL] == expected[graphs]
+        assert torch.cuda.max_memory_allocated() <= limit
+        del offloaded
+        torch.cuda.empty_cache()
 
 
 def test_static_decode_step_gives_the_same_text(cpm1, cpm2, eva, monkeypatch):

@@ -203,13 +203,14 @@ class Pretrained(nn.Module):
 
     def graphed(self, batch_size: int, length: int, source_length: int = 0):
         """A ``GraphedDecoder`` for ``batch_size`` rows of up to ``length`` cached tokens (and, for T5,
-        ``source_length`` encoder tokens), or None where decode steps run eagerly: off CUDA, with
-        ``cuda_graphs=False``, or when blocks stream from host memory. Decoders are kept for the next
-        call (their graphs take a moment to capture), the two most recently used of them."""
-        from ..generation.graphs import GraphedDecoder, _streams_or_splits
+        ``source_length`` encoder tokens), or None (off CUDA, or ``cuda_graphs=False``: the model's own
+        eager decode). Its one-token steps replay CUDA graphs when the blocks are resident; when some
+        stream from host memory, its static step runs eagerly, still with fewer ops than the model's
+        decode. Decoders are kept for the next call (graphs take a moment to capture), the two most
+        recently used of them."""
+        from ..generation.graphs import GraphedDecoder
 
-        layers = getattr(self.backbone, "dec_layers", None) or self.backbone.layers
-        if not self.cuda_graphs or self.device.type != "cuda" or _streams_or_splits(layers):
+        if not self.cuda_graphs or self.device.type != "cuda":
             return None
         # round up, so that calls of similar sizes share a decoder (and its graphs)
         length = _round_up(length, getattr(self.backbone.config, "max_positions", None))
