@@ -27,5 +27,5 @@ setup(
         "test": ["pytest>=7", "transformers>=4.40", "triton; platform_system == 'Linux'"],
         "gpu": ["triton"],
     },
-    entry_points={"console_scripts": ["bminf=bminf.__main__:main"]},
+    entry_points={"console_scripts": ["bminf=bminf.cli:main"]},
 )

@@ -27,7 +27,7 @@ import torch.nn as nn
 from bminf import wrapper
 from bminf.kernels import int8_linear
 from bminf.models.t5 import T5, T5_PRESETS, T5Config
-from bminf.offload_stream import Streamer
+from bminf.offload.stream import Streamer
 from bminf.quantization import quantize_
 
 GIB = 1 << 30

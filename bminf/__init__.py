@@ -18,7 +18,7 @@ _LAZY = {
     "WrapperWarning": "bminf.wrapping",
 }
 _SUBMODULES = {"models", "tokenizers", "hub", "data", "quantization", "offload", "checkpoint", "kernels",
-               "layers", "wrapping"}
+               "layers", "wrapping", "units", "cli"}
 
 __all__ = ["QuantizedLinear", "TransformerBlockList", "wrapper", "WrapperWarning", "models", "tokenizers", "hub", "data",
            "__version__"]
@@ -36,4 +36,5 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+    # the public names only: not importlib or the tables above
+    return sorted(set(__all__) | set(_LAZY) | _SUBMODULES)

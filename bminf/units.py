@@ -21,8 +21,9 @@ DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
                "float32": "float32", "fp32": "float32", "float": "float32"}
 
 
-def parse_size(value: Union[int, str], name: str = "memory_limit") -> int:
+def parse_size(value: Union[int, str], name: str = "memory_limit", *, allow_zero: bool = False) -> int:
     """Bytes from an int or a string such as ``"6GiB"``, ``"6GB"``, ``"512MiB"``, ``"1.5GiB"``.
+    ``allow_zero``: accept 0 (a reserve may be empty; a limit may not).
 
     >>> parse_size("6 GiB") == 6 << 30
     True
@@ -37,8 +38,8 @@ def parse_size(value: Union[int, str], name: str = "memory_limit") -> int:
             raise ValueError(f"{name}={value!r} is not a size; use bytes or a number with one of "
                              "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)")
         value = int(float(match.group(1)) * unit)
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
     return value
 
 

@@ -24,8 +24,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .offload import DeviceSpec, TransformerBlockList, _devices, place_block_lists
+from .offload import DeviceSpec, TransformerBlockList, place_block_lists
+from .offload.place import Size, parse_reserve, parse_slots, resolve_devices
 from .quantization import QuantizedLinear, quantize_weight
+from .units import parse_dtype
 
 __all__ = ["wrapper", "WrapperWarning"]
 
@@ -79,7 +81,10 @@ def _quantize(model: nn.Module, report: List[str], undo: List[Callable[[], None]
                 others = [p for p in tied[id(child.weight)] if p != f"{path}.weight"]
                 report.append(f"{path}: weight tied to {', '.join(others)}; left unquantized")
                 continue
-            new = QuantizedLinear.from_linear(child) if is_linear else _quantize_conv1d(child)
+            try:
+                new = QuantizedLinear.from_linear(child) if is_linear else _quantize_conv1d(child)
+            except ValueError as e:  # inf/NaN weights, rows too large for an fp16 scale
+                raise ValueError(f"{path}: cannot quantize this {type(child).__name__}: {e}") from e
             setattr(parent, child_name, new)
             undo.append(functools.partial(setattr, parent, child_name, child))
             count += 1
@@ -137,28 +142,93 @@ def _move_rest(model: nn.Module, device: torch.device, skip: set, undo: List[Cal
     visit(model)
 
 
-def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Optional[int] = None, *,
-            device: DeviceSpec = None, reserve: Optional[int] = None, slots: int = 2,
-            strict: bool = False) -> nn.Module:
-    """Convert ``model`` in place to run within ``memory_limit`` bytes per device; returns it.
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
 
-    ``memory_limit`` covers everything allocated on the device (non-block weights, resident blocks,
-    streaming slots, activations and KV cache): ``reserve`` bytes are kept for the last two (see
-    ``bminf.offload_plan.default_reserve`` for the default). ``device`` may list several devices to
-    split the blocks across. Cast the model to its run dtype (e.g. ``.half()``) before wrapping.
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    placed = [(path or type(model).__name__, m) for path, m in model.named_modules()
+              if isinstance(m, TransformerBlockList) and m._weights]
+    if placed:
+        path, lst = placed[0]
+        raise ValueError(f"model is already wrapped: {path} is a TransformerBlockList placed on {lst._home}; "
+                         "bminf.wrapper converts a model once (call it on the original model)")
+
+
+def _cast(model: nn.Module, dtype: torch.dtype, undo: List[Callable[[], None]]) -> None:
+    """Cast every float parameter and buffer in place, keeping tensor identity (ties)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            undo.append(functools.partial(setattr, t, "data", t.data))
+            t.data = t.data.to(dtype)
+
+
+def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Size = None, *,
+            device: DeviceSpec = None, reserve: Size = None, slots: int = 2, dtype=None,
+            strict: bool = False) -> nn.Module:
+    """Convert ``model`` in place to run within ``memory_limit`` per device; returns it.
+
+    ``memory_limit`` (bytes, or a string such as ``"6GiB"``/``"6GB"``) covers everything allocated
+    on the device (non-block weights, resident blocks, streaming slots, activations and KV cache):
+    ``reserve`` bytes are kept for the last two (see ``bminf.offload.plan.default_reserve`` for the
+    default). ``device`` may list several devices to split the blocks across. ``dtype`` ("fp16",
+    ``torch.float16``, ...) casts the float weights first; otherwise cast the model to its run dtype
+    before wrapping.
+
+    Every argument is checked before anything changes, and a call that fails part-way (a block
+    another library hooked, a weight that cannot be quantized, pinned memory running out) puts the
+    model back exactly as it was, so it can be wrapped again. A model is wrapped once.
 
     >>> net = nn.Sequential(nn.Linear(8, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]))
-    >>> net = wrapper(net, device="cpu")
+    >>> net = wrapper(net, device="cpu", memory_limit="1GiB")
     >>> type(net[0]).__name__, type(net[1]).__name__, len(net[1])
     ('QuantizedLinear', 'TransformerBlockList', 3)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
+    _check_bool(quantization, "quantization")
+    _check_bool(strict, "strict")
+    devices = resolve_devices(device, memory_limit)
+    reserve, slots = parse_reserve(reserve), parse_slots(slots)
+    dtype = None if dtype is None else parse_dtype(dtype)
+    _check_not_wrapped(model)
+
     report: List[str] = []
-    undo: List[Callable[[], None]] = []  # how to put the model back if placement fails
+    undo: List[Callable[[], None]] = []  # how to put the model back if a later step fails
+    message = ""
+    try:
+        _convert(model, quantization, devices, reserve, slots, dtype, report, undo)
+        if report:
+            message = "bminf.wrapper left some modules unconverted:\n  " + "\n  ".join(report)
+            if strict:  # an error like any other: the model goes back to what it was
+                raise ValueError(message + "\n(strict=True: the model was left as it was)")
+    except BaseException as e:
+        for step in reversed(undo):
+            step()
+        if isinstance(e, ValueError) and not str(e).startswith("bminf.wrapper"):
+            raise ValueError(f"bminf.wrapper: {e} (the model was left as it was)") from e
+        raise
+    if message:
+        warnings.warn(message, WrapperWarning, stacklevel=2)
+    return model
+
+
+def _convert(model: nn.Module, quantization: bool, devices, reserve: Optional[int], slots: int,
+             dtype: Optional[torch.dtype], report: List[str], undo: List[Callable[[], None]]) -> None:
+    """The conversion itself; each change appends how to revert it to ``undo``."""
+    lists = _find_lists(model, "", report)
+    # a block another library hooked (an instance-level forward) cannot be offloaded: say which, first
+    for path, _, _, lst in lists:
+        for i, block in enumerate(lst):
+            if "forward" in block.__dict__:
+                raise ValueError(f"{path}.{i} already has an instance-level forward (another library's hook?); "
+                                 "wrap the model before adding such hooks, or remove them first")
+    if dtype is not None:
+        _cast(model, dtype, undo)
     if quantization and _quantize(model, report, undo) == 0:
         report.append("quantization=True but no nn.Linear (or Conv1D) was found to quantize")
-
-    devices = _devices(device, memory_limit)
-    lists = _find_lists(model, "", report)
     # blocks must not share tensors with the rest of the model: such lists stay resident
     outside = {}
     skip = {id(lst) for _, _, _, lst in lists}
@@ -194,16 +264,17 @@ def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Optional[
         converted.append((path, tbl))
     if converted:
         priorities = [1 if _is_decoder(path) else 0 for path, _ in converted]
-        try:
-            place_block_lists([t for _, t in converted], device, memory_limit, reserve=reserve, slots=slots,
-                              priorities=priorities)
-        except ValueError as e:
-            for step in reversed(undo):  # placement moves nothing before it has planned every device
-                step()
-            raise ValueError(f"bminf.wrapper: {e} (the model was left as it was)") from None
-    if report:
-        message = "bminf.wrapper left some modules unconverted:\n  " + "\n  ".join(report)
-        if strict:
-            raise ValueError(message)
-        warnings.warn(message, WrapperWarning, stacklevel=2)
-    return model
+        tables = [t for _, t in converted]
+        saved = [(t, t.data, t.requires_grad)
+                 for tbl in tables for t in itertools.chain(tbl.parameters(), tbl.buffers())]
+        place_block_lists(tables, devices, reserve=reserve, slots=slots, priorities=priorities)
+        undo.append(functools.partial(_unplace, tables, saved))
+
+
+def _unplace(tables: List[TransformerBlockList], saved) -> None:
+    """Undo a placement that succeeded (a later step failed): tensors back where they were."""
+    for tbl in tables:
+        tbl._unplace()
+    for t, data, requires_grad in saved:
+        t.data = data
+        t.requires_grad_(requires_grad)

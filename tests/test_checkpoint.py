@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from bminf.__main__ import main
+from bminf.cli import main
 from bminf.checkpoint import (CheckpointError, bminf_format, detect_format, load_model, load_pretrained, save_model,
                               save_pretrained)
 from bminf.checkpoint.common import build_model, preset_config
@@ -309,10 +309,16 @@ def test_safetensors_config_errors(tmp_path):
     for doc, message in [({**good, "format_version": 2}, "format_version 2"),
                          ({**good, "quantization": "int4"}, "unknown quantization 'int4'"),
                          ({**good, "config": {**good["config"], "n_experts": 8}}, r"unknown fields \['n_experts'\]"),
-                         ({**good, "architecture": "bert"}, "architecture 'bert'")]:
+                         ({**good, "architecture": "bert"}, "architecture 'bert'"),
+                         ({**good, "config": {**good["config"], "n_decoder_layers": -1}},
+                          named(cfg_path, r"invalid t5 config: T5Config\.n_decoder_layers must be >= 1")),
+                         ({**good, "config": {**good["config"], "num_buckets": 7}}, "num_buckets must be even")]:
         cfg_path.write_text(json.dumps(doc))
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / "m")
+    # files written before T5Config gained max_length load with its default
+    cfg_path.write_text(json.dumps({**good, "config": {k: v for k, v in good["config"].items() if k != "max_length"}}))
+    assert load_model(tmp_path / "m").config.max_length == 2048
     cfg_path.write_text('{"format": "bminf", ')
     with pytest.raises(CheckpointError, match=named(cfg_path, "not valid JSON")):
         load_model(tmp_path / "m")
@@ -411,6 +417,9 @@ def test_hf_config_and_keys_are_checked(tmp_path):
     cfg_path.write_text(json.dumps({**good, "activation_function": "relu"}))
     with pytest.raises(CheckpointError, match="activation_function 'relu'"):
         load_model(tmp_path / "st")
+    cfg_path.write_text(json.dumps({**good, "n_layer": -2}))
+    with pytest.raises(CheckpointError, match=r"config\.json: invalid GPT-2 config: GPTConfig\.n_layers must be >= 1"):
+        load_model(tmp_path / "st")
     cfg_path.write_text(json.dumps({**good, "n_layer": 4}))
     with pytest.raises(CheckpointError, match="missing: layers.3.ff.linear_in.bias"):
         load_model(tmp_path / "st")
@@ -454,6 +463,24 @@ def test_load_model_detection_and_dtype(tmp_path):
     x, y = torch.tensor([[3, 4, 5]]), torch.tensor([[1, 2]])
     with torch.no_grad():
         assert torch.allclose(f(x, decoder_input_ids=y), m(x, decoder_input_ids=y), atol=1e-5)
+
+
+def test_load_and_save_take_dtype_names(tmp_path):
+    save_pretrained(int8_model("gpt"), tmp_path / "m")
+    for name, dtype in [("float16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)]:
+        m = load_model(tmp_path / "m", dtype=name)
+        assert m.token_embedding.weight.dtype == dtype and m.layers[0].ff.linear_in.scale.dtype == torch.float16
+    with pytest.raises(ValueError, match=r"dtype='int8' is not a dtype; use one of float16"):
+        load_model(tmp_path / "m", dtype="int8")
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype or its name, got int 16"):
+        load_model(tmp_path / "m", dtype=16)
+    with pytest.raises(TypeError, match="quantize must be None, True or False, got str 'yes'"):
+        load_model(tmp_path / "m", quantize="yes")
+    out = save_model(load_model(tmp_path / "m"), tmp_path / "hf", format="hf", dtype="float16")
+    assert load_model(out, quantize=False).token_embedding.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown format 'onnx'"):
+        save_model(load_model(tmp_path / "m"), tmp_path / "x", format="onnx")
+    assert not (tmp_path / "x").exists()
 
 
 def test_convert_cli_round_trips_every_format(tmp_path, capsys):

@@ -4,17 +4,16 @@ After every test the `cache` fixture checks the invariant: a file at its final n
 published bytes (never a truncated or corrupted copy), a .meta agrees with its file, and a .part kept
 for resuming is a true prefix of the published bytes.
 """
-import argparse
 import builtins
 import errno
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import random
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -26,13 +25,16 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 import bminf.data
-from bminf import hub, hub_download
+from bminf import cli, hub
+from bminf.hub import fetch as hub_fetch
+from bminf.hub import verify as hub_verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = "cpm1-new"
 CKPT = "checkpoint.pt"
 CKPT_PATH = f"/{V}/{CKPT}"
 FAST = dict(timeout=2.0, retries=3, progress=False)
+RELEASES = dict(hub_verify.RELEASES)  # the real table (tests replace it: their checkpoints are tiny trees)
 
 
 # ---------------------------------------------------------------- the server
@@ -149,8 +151,25 @@ class _HTTPServer(ThreadingHTTPServer):
         pass
 
 
+def _tree(k0: int, k1: int, rng: random.Random) -> bytes:
+    """BMInf's checkpoint tree with two blocks ``layers.0``/``layers.1`` of one int8 tensor (k0, k1 bytes) each."""
+    def text(t: str) -> bytes:
+        return struct.pack("<I", len(t)) + t.encode()
+
+    def param(k: int) -> bytes:
+        return b"\x01" + struct.pack("<II", k, k) + b"\x00" + rng.randbytes(k)
+    blocks = b"".join(text(str(i)) + struct.pack("<II", 1, 0) + text("weight") + param(k)
+                      for i, k in enumerate((k0, k1)))
+    return struct.pack("<II", 0, 1) + text("layers") + struct.pack("<II", 0, 2) + blocks
+
+
+TREE_OVERHEAD = len(_tree(0, 0, random.Random(0)))
+
+
 def _payload(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
+    """``n`` random bytes that parse as BMInf's checkpoint tree (downloads check that)."""
+    k = (n - TREE_OVERHEAD) // 2
+    return _tree(k, n - TREE_OVERHEAD - k, random.Random(seed))
 
 
 @pytest.fixture
@@ -171,7 +190,9 @@ def server():
 def _isolated(monkeypatch):
     for name in ("BMINF_SOURCE", "BMINF_CACHE", "BMINF_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(hub_download, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(hub_fetch, "RETRY_BACKOFF_S", 0.01)
+    # the served checkpoints are tiny trees, not the released sizes: only their structure is checked here
+    monkeypatch.setattr(hub_verify, "RELEASES", {})
     yield
     hub.set_source(None)
     hub.set_cache_path(None)
@@ -243,13 +264,13 @@ def test_force_keeps_the_cached_file_until_its_replacement_is_verified(server, c
     server.faults[CKPT_PATH] = Fault(status=404)
     with pytest.raises(hub.DownloadError):
         get(server, cache, force=True)
-    assert read(path) == good and hub_download.is_verified(path, None)
+    assert read(path) == good and hub_fetch.is_verified(path, None)
 
 
 def test_no_sha256_on_server_checks_size(server, cache):
     del server.files[CKPT_PATH + ".sha256"]  # a 404 for it means "unknown", not an error
     assert read(get(server, cache)) == server.files[CKPT_PATH]
-    meta = hub_download.read_meta(final(cache))
+    meta = hub_fetch.read_meta(final(cache))
     assert meta["sha256"] == hashlib.sha256(server.files[CKPT_PATH]).hexdigest()
 
 
@@ -415,7 +436,9 @@ def test_two_threads_download_once(server, cache, caplog):
 
 def test_two_processes_download_once(server, cache):
     server.faults[CKPT_PATH] = Fault(pace=0.12)  # ~1.5 s: longer than starting a second interpreter
-    code = f"from bminf import hub; print(hub.ensure_file({V!r}, {CKPT!r}, progress=False))"
+    # the served checkpoint is a tiny tree, not the release: check its structure only (as _isolated does)
+    code = (f"from bminf import hub; hub.verify.RELEASES.clear(); "
+            f"print(hub.ensure_file({V!r}, {CKPT!r}, progress=False))")
     env = {**os.environ, "PYTHONPATH": REPO, "BMINF_SOURCE": server.url, "BMINF_CACHE": cache}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -520,8 +543,8 @@ def test_full_disk_mid_write_is_enospc(server, cache):
 
 
 def test_not_enough_free_space_fails_before_writing(server, cache, monkeypatch):
-    usage = hub_download.shutil.disk_usage
-    monkeypatch.setattr(hub_download.shutil, "disk_usage", lambda p: usage(p)._replace(free=1000))
+    usage = hub_fetch.shutil.disk_usage
+    monkeypatch.setattr(hub_fetch.shutil, "disk_usage", lambda p: usage(p)._replace(free=1000))
     with pytest.raises(OSError, match="no space left") as info:
         get(server, cache)
     assert info.value.errno == errno.ENOSPC and "200000 bytes needed, 1000 free" in str(info.value)
@@ -580,7 +603,7 @@ def test_existing_complete_file_is_checked_by_head_not_downloaded(server, cache)
         f.write(server.files[CKPT_PATH])
     assert get(server, cache) == final(cache)
     assert server.requests(CKPT_PATH, "HEAD") == [None] and server.requests(CKPT_PATH) == []
-    assert hub_download.is_verified(final(cache))
+    assert hub_fetch.is_verified(final(cache))
     server.log.clear()
     get(server, cache)
     assert server.log == []
@@ -655,20 +678,17 @@ def test_unknown_version_or_file_lists_what_exists(cache):
 # ---------------------------------------------------------------- command line
 
 
-def _parse(add, argv):
-    parser = argparse.ArgumentParser()
-    add(parser)
-    return parser.parse_args(argv)
+def _cli(*argv):
+    return cli.main(list(argv))
 
 
 def test_cli_download_and_list(server, cache, capsys):
     server.faults[CKPT_PATH] = Fault(drop_after=0, drop_times=1)  # the CLI resumes too
-    args = _parse(hub.add_download_arguments, [V, "--source", server.url, "--cache-dir", cache, "--no-progress"])
-    assert hub.run_download(args) == 0
+    assert _cli("download", V, "--source", server.url, "--cache-dir", cache, "--no-progress") == 0
     assert capsys.readouterr().out.strip() == f"{V}: {os.path.join(cache, V)}"
     with open(final(cache) + ".part", "wb") as f:  # a left-over partial file of a later forced run
         f.write(server.files[CKPT_PATH][:10])
-    assert hub.run_list(_parse(hub.add_list_arguments, ["--cache-dir", cache])) == 0
+    assert _cli("list", "--cache-dir", cache) == 0
     out = capsys.readouterr().out
     assert f"cache:  {cache}" in out
     assert re.search(r"cpm1-new\n  checkpoint.pt +195.3 KiB  verified\n", out)
@@ -677,18 +697,206 @@ def test_cli_download_and_list(server, cache, capsys):
 
 
 def test_cli_download_reports_errors_without_traceback(server, cache, capsys):
-    args = _parse(hub.add_download_arguments, ["cpm9", "--cache-dir", cache])
-    assert hub.run_download(args) == 1
-    assert capsys.readouterr().err.startswith("error: unknown model version 'cpm9'")
+    assert _cli("download", "cpm9", "--cache-dir", cache) == 1
+    assert capsys.readouterr().err.startswith("bminf download: error: unknown model version 'cpm9'")
     server.faults[CKPT_PATH] = Fault(status=404)
-    args = _parse(hub.add_download_arguments, [V, "--source", server.url, "--cache-dir", cache, "--no-progress"])
-    assert hub.run_download(args) == 1
+    assert _cli("download", V, "--source", server.url, "--cache-dir", cache, "--no-progress") == 1
     assert "404" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bminf.checkpoint.convert") is None,
-                    reason="bminf.__main__ also needs bminf.checkpoint.convert")
-def test_python_m_bminf_download(server, cache):
-    from bminf.__main__ import main
-    assert main(["download", V, "--source", server.url, "--cache-dir", cache, "--no-progress"]) == 0
-    assert read(final(cache)) == server.files[CKPT_PATH]
+def test_python_m_bminf_runs_the_cli(server, cache):
+    assert _cli("download", V, "--source", server.url, "--cache-dir", cache, "--no-progress") == 0
+    env = dict(os.environ, PYTHONPATH=REPO)
+    run = subprocess.run([sys.executable, "-m", "bminf", "list", "--cache-dir", cache], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"cpm1-new\n  checkpoint.pt +195.3 KiB  verified\n", run.stdout)
+
+
+def test_hub_commands_do_not_import_torch(server, cache):
+    # only checking a downloaded checkpoint.pt needs torch (to parse it); vocabularies and listing do not
+    code = ("import sys; from bminf import hub; from bminf.cli import main; "
+            f"hub.ensure_file({V!r}, 'vocab.txt', source={server.url!r}, cache_dir={cache!r}, progress=False); "
+            f"main(['list', '--cache-dir', {cache!r}]); print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert "vocab.txt" in run.stdout and run.stdout.splitlines()[-1] == "False"
+
+
+# ---------------------------------------------------------------- hardening (issue 9)
+
+
+def _leftovers(cache):
+    """Every directory and file under the cache (relative paths)."""
+    out = []
+    for dirpath, dirnames, names in os.walk(cache):
+        out += [os.path.relpath(os.path.join(dirpath, n), cache) for n in dirnames + names]
+    return sorted(out)
+
+
+def test_download_without_network_leaves_no_directory_and_no_lock(cache):
+    with pytest.raises(hub.NotCachedError, match="unreachable"):
+        hub.ensure_version(V, source=_closed_port_url(), cache_dir=cache, **FAST)
+    assert _leftovers(cache) == []
+
+
+def test_failed_download_leaves_no_empty_directory_and_no_lock(server, cache, monkeypatch):
+    monkeypatch.setitem(hub.VERSIONS, V, (hub.RemoteFile(CKPT, sha256="0" * 64), hub.RemoteFile("vocab.txt")))
+    with pytest.raises(hub.NotCachedError, match="unreachable"):  # no .sha256 probe: the GET is the first contact
+        hub.ensure_file(V, CKPT, source=_closed_port_url(), cache_dir=cache, **FAST)
+    assert _leftovers(cache) == []
+    del server.files[CKPT_PATH]
+    with pytest.raises(hub.DownloadError, match="404"):
+        get(server, cache)
+    assert _leftovers(cache) == []
+    assert get(server, cache, name="vocab.txt")  # a later download still works, and its lock is gone too
+    assert _leftovers(cache) == [V, f"{V}/vocab.txt", f"{V}/vocab.txt.meta"]
+
+
+def test_garbage_checkpoint_without_sha256_is_rejected(server, cache):
+    server.publish(V, CKPT, random.Random(7).randbytes(100_000), sha=None)  # a mirror without .sha256
+    del server.files[CKPT_PATH + ".sha256"]
+    with pytest.raises(hub.IntegrityError, match=r"is not a BMInf checkpoint.*deleted"):
+        get(server, cache)
+    assert not os.path.exists(final(cache)) and not os.path.exists(final(cache) + ".part")
+    assert [f for f in hub.list_cached(cache) if f.name == CKPT] == []
+
+
+def test_existing_garbage_checkpoint_is_not_adopted(server, cache):
+    server.publish(V, CKPT, server.files[CKPT_PATH], sha=None)
+    os.makedirs(os.path.dirname(final(cache)))
+    with open(final(cache), "wb") as f:  # the right size, the wrong bytes, and no sha256 to tell
+        f.write(random.Random(3).randbytes(len(server.files[CKPT_PATH])))
+    assert read(get(server, cache)) == server.files[CKPT_PATH]
+
+
+def test_known_release_byte_totals_are_checked(server, cache, monkeypatch):
+    data = server.files[CKPT_PATH]
+    block = (len(data) - TREE_OVERHEAD) // 2  # the tree's two blocks hold one int8 tensor each
+    monkeypatch.setattr(hub_verify, "RELEASES", {V: hub_verify.Release(total=2 * block, blocks={"layers": (2, block)})})
+    assert read(get(server, cache)) == data
+    os.remove(final(cache))
+    os.remove(final(cache) + ".meta")
+    monkeypatch.setattr(hub_verify, "RELEASES", {V: hub_verify.Release(total=2_679_040_000,
+                                                                      blocks={"layers": (32, 78_755_840)})})
+    with pytest.raises(hub.IntegrityError, match=r"2 blocks under 'layers' .*cpm1-new has 32 of 78755840 bytes"):
+        get(server, cache)
+    assert not os.path.exists(final(cache)) and not os.path.exists(final(cache) + ".part")
+    monkeypatch.setattr(hub_verify, "RELEASES", {V: hub_verify.Release(total=2 * block + 1,
+                                                                      blocks={"layers": (2, block)})})
+    with pytest.raises(hub.IntegrityError, match=rf"{2 * block} bytes of tensors; cpm1-new has {2 * block + 1}"):
+        get(server, cache)
+
+
+def test_release_table_agrees_with_our_presets():
+    torch = pytest.importorskip("torch")
+    from bminf.models import GPT, GPT_PRESETS, GPTConfig, T5, T5_PRESETS, T5Config
+    from bminf.quantization import quantize_
+
+    def nbytes(module):  # tied tensors (CPM-1's LM head is its token embedding) are stored once
+        tensors = {id(t): t for t in module.state_dict(keep_vars=True).values()}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+    with torch.device("meta"):
+        cpm1 = quantize_(GPT(GPTConfig(**GPT_PRESETS["cpm1"]))).half()
+        cpm2 = quantize_(T5(T5Config(**T5_PRESETS["cpm2"]))).half()
+        eva = quantize_(T5(T5Config(**T5_PRESETS["eva"]))).half()
+    for version, model, lists in [("cpm1-new", cpm1, {"layers": "layers"}),
+                                  ("cpm2.1-new", cpm2, {"enc_layers": "enc_layers", "dec_layers": "dec_layers"}),
+                                  ("eva-int8-new", eva, {"enc_layers": "enc_layers", "dec_layers": "dec_layers"})]:
+        release = RELEASES[version]
+        for name, (count, size) in release.blocks.items():
+            blocks = model.get_submodule(lists[name])
+            assert len(blocks) == count and {nbytes(b) for b in blocks} == {size}, (version, name)
+        assert release.total == nbytes(model), version
+
+
+def test_set_source_refuses_other_schemes_and_accepts_file(tmp_path):
+    cache = str(tmp_path / "cache-of-mirror")  # not the `cache` fixture: it holds the HTTP server's files
+    with pytest.raises(ValueError, match=r"source 'ftp://x' .* http://, https:// or file://"):
+        hub.set_source("ftp://x")
+    with pytest.raises(ValueError, match="source"):
+        hub.ensure_file(V, CKPT, source="mirror.example.com", cache_dir=cache)
+    with pytest.raises(TypeError, match="source must be a str"):
+        hub.set_source(5)
+    mirror = tmp_path / "mirror"
+    (mirror / V).mkdir(parents=True)
+    (mirror / V / "vocab.txt").write_text("a\nb\n")
+    (mirror / V / CKPT).write_bytes(_payload(5000, 1))
+    hub.set_source(f"file://{mirror}")
+    path = hub.ensure_file(V, CKPT, cache_dir=cache, progress=False)
+    assert path == final(cache) and read(path) == _payload(5000, 1) and hub_fetch.is_verified(path)
+    (mirror / V / "vocab.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=str(mirror / V / "vocab.txt")):
+        hub.ensure_file(V, "vocab.txt", cache_dir=cache)
+    (mirror / V / CKPT).write_bytes(b"garbage" * 1000)
+    with pytest.raises(hub.IntegrityError, match="is not a BMInf checkpoint"):
+        hub.ensure_file(V, CKPT, cache_dir=cache, force=True, progress=False)
+    assert read(path) == _payload(5000, 1)  # the verified copy was kept
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: hub.ensure_version(None), "version must be a str, got NoneType None"),
+    (lambda: hub.ensure_file(V, None), "filename must be a str, got NoneType None"),
+    (lambda: hub.ensure_file(3, CKPT), "version must be a str, got int 3"),
+    (lambda: hub.download(V, files=CKPT), "files must be a list of file names, got str"),
+    (lambda: hub.set_cache_path(3), "path must be a str or os.PathLike, got int 3"),
+    (lambda: hub.set_offline("yes"), "offline must be True, False or None, got str 'yes'"),
+    (lambda: hub.list_cached(cache_dir=5), "cache_dir must be a str or os.PathLike, got int 5"),
+    (lambda: hub.ensure_file(V, CKPT, retries="3"), "retries must be an int >= 0, got str '3'"),
+    (lambda: hub.ensure_file(V, CKPT, timeout="10"), "timeout must be seconds or a"),
+])
+def test_hub_arguments_of_the_wrong_type_name_the_argument(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+def test_hub_numbers_out_of_range(capsys):
+    with pytest.raises(ValueError, match="retries must be an int >= 0, got int -1"):
+        hub.ensure_file(V, CKPT, retries=-1)
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        hub.ensure_file(V, CKPT, timeout=(0, 5))
+    for argv in (["download", V, "--retries", "-1"], ["download", V, "--timeout", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            _cli(*argv)
+        assert exit_.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_unknown_version_suggestion_is_accepted_by_the_cli(tmp_path, capsys):
+    cache = str(tmp_path / "cache-of-mirror")
+    with pytest.raises(ValueError) as info:
+        hub.ensure_version("cpm9")
+    assert "file://DIR" in str(info.value)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "vocab.txt").write_text("a\n")
+    (model / CKPT).write_bytes(_payload(3000, 2))
+    assert _cli("download", f"file://{model}", "--cache-dir", cache, "--no-progress") == 0
+    assert capsys.readouterr().out.strip() == f"file://{model}: {model}"
+    mirror = tmp_path / "mirror"
+    (mirror / V).mkdir(parents=True)
+    for name in (CKPT, "vocab.txt"):
+        (mirror / V / name).write_bytes((model / name).read_bytes())
+    assert _cli("download", V, "--source", f"file://{mirror}", "--cache-dir", cache, "--no-progress") == 0
+    assert read(final(cache)) == _payload(3000, 2)
+
+
+def test_list_shows_a_partial_file_once(server, cache, capsys):
+    os.makedirs(os.path.dirname(final(cache)))
+    with open(final(cache) + ".part", "wb") as f:
+        f.write(server.files[CKPT_PATH][:10])
+    assert _cli("list", "--cache-dir", cache) == 0
+    out = capsys.readouterr().out
+    assert out.count("checkpoint.pt") == 3  # one line per version: partial for cpm1-new, not cached for the others
+    assert re.search(r"cpm1-new\n  checkpoint.pt +10 B  partial \(resume: python -m bminf download cpm1-new\)\n"
+                     r"  vocab.txt +not cached\n", out)
+
+
+def test_list_into_a_closed_pipe_ends_quietly(cache):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.Popen([sys.executable, "-m", "bminf", "list", "--cache-dir", cache], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # like `bminf list | head -0`: the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    p.wait()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -12,7 +12,9 @@ from bminf.kernels import int8_linear, triton_int8
 from bminf.quantization import quantize_weight
 
 # (rows, out_features, in_features): decode and small batches, odd sizes that leave partial tiles
-SHAPES = [(1, 96, 80), (5, 130, 200), (16, 64, 256), (40, 300, 130), (64, 128, 64)]
+# (1-4 rows take the GEMV kernel, more the tensor-core one)
+SHAPES = [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030), (5, 130, 200), (16, 64, 256), (40, 300, 130),
+          (64, 128, 64)]
 
 CHECK = """
 import torch, torch.nn.functional as F
@@ -90,3 +92,70 @@ def test_portable_path_is_used_off_gpu():
     x = torch.randn(2, 16)
     assert not triton_int8.supports(x, q)
     assert torch.allclose(int8_linear(x, q, s), F.linear(x, q.float() * s.float()[:, None]), atol=1e-6)
+
+
+NORM_CHECK = """
+import torch
+from bminf.kernels import triton_norm
+torch.manual_seed(0)
+worst = 0.0
+for d in (64, 100, 4096):
+    w = torch.randn(d)
+    x = (torch.randn(3, 5, d) * 3).half().to("{device}").requires_grad_()
+    wd = w.to("{device}").requires_grad_()
+    y = triton_norm.rms_norm(x, wd, 1e-6)
+    ref = triton_norm.reference(x, wd, 1e-6)
+    assert y.shape == ref.shape and y.dtype == torch.float16
+    worst = max(worst, float((y.float() - ref.float()).abs().max() / ref.float().abs().max()))
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, wd), g)
+    rx, rw = torch.autograd.grad(ref, (x, wd), g)
+    assert torch.equal(gx, rx) and torch.equal(gw, rw)  # backward is the PyTorch formula's
+print("worst", worst)
+"""
+
+
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
+def test_rms_norm_kernel_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", NORM_CHECK.format(device="cpu")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("worst")[1]) < 1e-3  # one fp16 rounding step at most
+
+
+@pytest.mark.gpu
+def test_rms_norm_kernel_on_gpu():
+    out = subprocess.run([sys.executable, "-c", NORM_CHECK.format(device="cuda")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("worst")[1]) < 1e-3
+
+
+def test_w8a8_path_is_opt_in_and_close(monkeypatch):
+    from bminf.kernels import w8a8
+    q, s = quantize_weight(torch.randn(64, 256))
+    x = torch.randn(40, 256)
+    ref = F.linear(x.double(), q.double() * s.double()[:, None])
+    assert not w8a8.supports(x, q)  # off by default
+    monkeypatch.setenv("BMINF_PREFILL", "w8a8")
+    assert w8a8.supports(x, q) and not w8a8.supports(x[:16], q)  # _int_mm needs 17+ rows
+    bias = torch.randn(64)
+    y = int8_linear(x, q, s, bias)
+    assert y.shape == (40, 64) and y.dtype == x.dtype
+    err = float((y.double() - ref - bias.double()).abs().max() / ref.abs().max())
+    assert 0 < err < 0.02  # activations rounded to int8: visible but small
+    monkeypatch.setenv("BMINF_PREFILL", "int4")
+    with pytest.raises(ValueError, match="BMINF_PREFILL"):
+        int8_linear(x, q, s)
+
+
+@pytest.mark.gpu
+def test_w8a8_on_gpu(monkeypatch):
+    monkeypatch.setenv("BMINF_PREFILL", "w8a8")
+    q, s = quantize_weight(torch.randn(256, 512))
+    x = torch.randn(100, 512, dtype=torch.float16)
+    ref = F.linear(x.double(), q.double() * s.double()[:, None])
+    y = int8_linear(x.cuda(), q.cuda(), s.cuda())
+    assert float((y.cpu().double() - ref).abs().max() / ref.abs().max()) < 0.02

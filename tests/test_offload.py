@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from bminf.offload import TransformerBlockList, place_block_lists
-from bminf.offload_plan import MIB, default_reserve, plan_residency, split_contiguous, spread
-from bminf.offload_stream import BlockWeights
+from bminf.offload.plan import MIB, default_reserve, plan_residency, split_contiguous, spread
+from bminf.offload.stream import BlockWeights
 
 
 # -- the planner -------------------------------------------------------------------------------------

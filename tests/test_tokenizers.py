@@ -342,3 +342,56 @@ def test_sentencepiece_bad_file(tmp_path):
     path.write_text("<unk>\n<eod>\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"vocab\.txt: not a sentencepiece model"):
         CPM1Tokenizer.from_sentencepiece(path)
+
+
+# ---------------------------------------------------------------- bad input never does harm
+
+def test_bad_text_and_ids_give_clear_errors(cpm1, cpm2, spm_path):
+    import numpy as np
+    import torch
+
+    spm = CPM1Tokenizer.from_sentencepiece(spm_path)
+    for tok in (cpm1, cpm2, spm):
+        with pytest.raises(TypeError, match="text must be a str, got NoneType"):
+            tok.encode(None)
+        with pytest.raises(TypeError, match=r"text must be a str, got bytes; decode it first"):
+            tok.encode("我们".encode())
+        with pytest.raises(TypeError, match="text must be a str, got list"):
+            tok.encode(["我们"])
+        with pytest.raises(TypeError, match="token ids must be integers, got float 1.5"):
+            tok.decode([1.5])
+        with pytest.raises(TypeError, match="token ids must be integers, got str"):
+            tok.decode(["1"])
+        with pytest.raises(TypeError, match="token ids must be integers, got bool"):
+            tok.decode([True])
+        with pytest.raises(TypeError, match="ids must be an iterable of token ids, got NoneType"):
+            tok.decode(None)
+        with pytest.raises(TypeError, match="ids must be an iterable of token ids, got str"):
+            tok.decode("12")
+        with pytest.raises(ValueError, match=r"ids must be one sequence \(1-D\), got shape \(1, 2\)"):
+            tok.decode(torch.tensor([[1, 2]]))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            tok.decode([-1])
+        with pytest.raises(TypeError, match="token ids must be integers, got float"):
+            tok.id_to_token(2.0)
+        # integer ids of any integer type decode alike
+        ids = tok.encode("我们")
+        expected = tok.decode(ids)
+        assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode(tuple(ids)) == expected
+    with pytest.raises(TypeError, match="token ids must be integers, got float"):
+        cpm2.get_span(0.5)
+
+
+def test_bad_vocab_files_name_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("<unk>\n<s>\n<eod>\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt: line 4 is not valid UTF-8"):
+        CPM2Tokenizer(latin1, n_sentinels=0)
+    with pytest.raises(FileNotFoundError, match=r"vocab file .*missing\.txt does not exist"):
+        CPM2Tokenizer(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="is a directory; pass the vocab.txt inside it"):
+        CPM1Tokenizer(tmp_path)
+    with pytest.raises(TypeError, match="vocab_path must be a path"):
+        CPM2Tokenizer(None)
+    with pytest.raises(FileNotFoundError, match=r"sentencepiece model .*nope\.model does not exist"):
+        CPM1Tokenizer.from_sentencepiece(tmp_path / "nope.model")

@@ -12,7 +12,7 @@ tf = pytest.importorskip("transformers")
 
 from bminf import wrapper  # noqa: E402
 from bminf.offload import TransformerBlockList  # noqa: E402
-from bminf.offload_stream import BlockWeights  # noqa: E402
+from bminf.offload.stream import BlockWeights  # noqa: E402
 from bminf.quantization import QuantizedLinear, quantize_weight  # noqa: E402
 from bminf import WrapperWarning  # noqa: E402
 

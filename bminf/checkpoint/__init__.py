@@ -24,6 +24,7 @@ from .common import (CheckpointError, architecture_of, cast_floats_, check_prese
 from .hf import is_hf_dir, load_hf_gpt, save_hf_gpt
 from .safetensors_format import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
 from ..quantization import quantize_
+from ..units import parse_dtype
 
 __all__ = ["load_model", "save_model", "detect_format", "CheckpointError", "FORMATS", "load_pretrained",
            "save_pretrained", "load_hf_gpt", "save_hf_gpt", "bminf_format"]
@@ -88,11 +89,16 @@ def load_model(path: Union[str, os.PathLike], preset: Optional[str] = None, quan
     ``model.safetensors`` cannot tell, and is checked against what the checkpoint does tell;
     ``config`` (a ``GPTConfig``/``T5Config``) does the same for BMInf files of other sizes.
     ``quantize``: None keeps the checkpoint's linears (HF ones are quantized, as the models run
-    int8), True makes them int8, False float. ``dtype`` casts float tensors afterwards (e.g.
-    ``torch.float32`` on a CPU); int8 weights and fp16 scales stay.
+    int8), True makes them int8, False float. ``dtype`` (a ``torch.dtype`` or a name such as
+    ``"float16"``, ``"bf16"``) casts float tensors afterwards (e.g. ``torch.float32`` on a CPU);
+    int8 weights and fp16 scales stay.
 
     >>> model = load_model("CPM-Generate", quantize=False, dtype=torch.float32)   # doctest: +SKIP
     """
+    if dtype is not None:
+        dtype = parse_dtype(dtype)
+    if quantize not in (None, True, False):
+        raise TypeError(f"quantize must be None, True or False, got {type(quantize).__name__} {quantize!r}")
     fmt, target = detect_format(path)
     if config is not None and fmt != "bminf":
         raise ValueError(f"{target}: config= is for BMInf files, which carry none; this is {fmt}")
@@ -118,11 +124,16 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], format: str = "s
 
     ``bminf``: ``path`` ending in ``.pt`` is the file, otherwise the directory for ``checkpoint.pt``;
     the linears must be int8 (``quantize_``). ``safetensors``: a directory. ``hf``: a directory,
-    GPT only; ``dtype=`` picks the dequantized weights' dtype (float32, exact, by default).
+    GPT only; ``dtype=`` (a ``torch.dtype`` or its name) picks the dequantized weights' dtype
+    (float32, exact, by default).
 
     >>> save_model(model, "out/cpm1-new", format="bminf")         # doctest: +SKIP
     'out/cpm1-new/checkpoint.pt'
     """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
+    if kwargs.get("dtype") is not None:
+        kwargs["dtype"] = parse_dtype(kwargs["dtype"])
     path = os.path.expanduser(os.fspath(path))
     if format == "bminf":
         if is_quantized(model) is not True:

@@ -26,11 +26,13 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from .common import CheckpointError, build_model, copy_into, materialize_, resolve_config, write_atomic
 
 __all__ = ["Entry", "read_index", "load_into", "load", "save", "infer_config"]
 
+PROGRESS_BYTES = 1 << 30  # files this large show a progress bar while loading (on a terminal)
 _DTYPES = {0: torch.int8, 1: torch.float16, 2: torch.float32}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 # limits far above anything BMInf wrote; a corrupt count or length fails here instead of allocating
@@ -185,15 +187,21 @@ def load_into(model: nn.Module, path: Union[str, os.PathLike], index: Optional[D
     path = os.fspath(path)
     index = read_index(path) if index is None else index
     dest = materialize_(model, {k: (e.shape, e.dtype) for k, e in index.items()}, path)
+    entries = sorted(index.items(), key=lambda kv: kv[1].offset)
+    total = sum(e.nbytes for _, e in entries)
+    # a bar only where loading takes a while (the released files are 2.7-11.3 GB), and only on a terminal
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {os.path.basename(os.path.dirname(path))}",
+               disable=None if total >= PROGRESS_BYTES else True, leave=False)
     # unbuffered, so large reads go from the page cache into the tensor with no copy in between
-    with open(path, "rb", buffering=0) as f:
-        for name, entry in sorted(index.items(), key=lambda kv: kv[1].offset):
+    with open(path, "rb", buffering=0) as f, bar:
+        for name, entry in entries:
             target = dest[name]
             direct = target.dtype == entry.dtype and target.device.type == "cpu" and target.is_contiguous()
             buf = target if direct else torch.empty(entry.shape, dtype=entry.dtype)
             _readinto(f, buf, entry, path, name)
             if not direct:
                 copy_into(target, buf)  # a model already on another device or dtype: one tensor at a time
+            bar.update(entry.nbytes)
     return model
 
 

@@ -50,14 +50,22 @@ def architecture_of(model: nn.Module) -> str:
     raise TypeError(f"expected a bminf GPT or T5 model, got {type(model).__name__}")
 
 
+# config fields added after format_version 1 files were first written: their absence means the default
+ADDED_FIELDS = {"t5": {"max_length"}, "gpt": set()}
+
+
 def config_from_dict(arch: str, fields: dict, path: str):
-    """The config dataclass of ``arch`` from ``fields``; unknown or missing fields are errors."""
+    """The config dataclass of ``arch`` from ``fields``; unknown, missing or invalid fields are errors
+    naming ``path``."""
     config_cls = ARCHITECTURES[arch][1]
     names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown, missing = sorted(set(fields) - names), sorted(names - set(fields))
+    unknown, missing = sorted(set(fields) - names), sorted(names - set(fields) - ADDED_FIELDS[arch])
     if unknown or missing:
         raise CheckpointError(f"{path}: {arch} config has unknown fields {unknown} and lacks {missing}")
-    return config_cls(**fields)
+    try:
+        return config_cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid {arch} config: {e}") from None
 
 
 def check_config(config, expected, path: str, what: str) -> None:

@@ -1,61 +1,125 @@
-"""``python -m bminf convert SRC DST``: rewrite a checkpoint in another format.
+"""Rewrite a checkpoint in another format (``python -m bminf convert SRC DST`` calls ``convert``).
 
-    python -m bminf convert ~/.cache/bigmodels/cpm1-new out/cpm1                # BMInf -> ours
-    python -m bminf convert CPM-Generate out/cpm1-new --to bminf                # HF -> BMInf (int8)
-    python -m bminf convert out/cpm1 out/cpm1-hf --to hf                        # ours -> HF (float32)
-    python -m bminf convert cpm2.1-new/checkpoint.pt out/cpm2 --preset cpm2
+>>> from bminf.checkpoint.convert import convert
+>>> result = convert("~/.cache/bigmodels/cpm1-new", "out/cpm1")               # doctest: +SKIP
+>>> result.format, result.path                                                 # doctest: +SKIP
+('safetensors', 'out/cpm1')
 """
-import argparse
-import sys
-import time
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 
-from . import FORMATS, describe, detect_format, load_model, save_model
-from .common import PRESET_ALIASES, PRESET_NAMES, cast_floats_, is_quantized, state_summary
+from . import BMINF_FILE, FORMATS, bminf_format, describe, detect_format, load_model, save_model
+from .common import ARCHITECTURES, cast_floats_, is_quantized, state_summary
 from ..quantization import quantize_
 
-_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+__all__ = ["convert", "Converted", "read_config", "output_path"]
 
 
-def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint.pt or its directory (BMInf), a bminf directory, or an HF CPM-1 directory")
-    p.add_argument("dst", help="output: a file ending in .pt or a directory")
-    p.add_argument("--to", choices=FORMATS, help="output format (default: bminf if DST ends in .pt, else safetensors)")
-    p.add_argument("--preset", choices=PRESET_NAMES + sorted(PRESET_ALIASES),
-                   help="the model, for what a BMInf file cannot tell (head count, eps, max_distance)")
-    p.add_argument("--no-quantize", action="store_true",
-                   help="keep (or make) the linears float; not possible with --to bminf")
-    p.add_argument("--dtype", choices=sorted(_DTYPES),
-                   help="float dtype of the output (HF output: float32 unless given; bminf: float16 only)")
+@dataclass
+class Converted:
+    """What ``convert`` did: where it wrote, from and to which format, and notes on lossy steps."""
+    path: str
+    src_format: str
+    format: str
+    description: str
+    notes: List[str] = field(default_factory=list)
 
 
-def run_convert(args: argparse.Namespace) -> int:
-    """Run the conversion described by ``args``; print notes and a one-line summary; 0 on success."""
+def read_config(path: str, src: Optional[str] = None):
+    """A ``GPTConfig`` or ``T5Config`` from a JSON object of its fields (``--config config.json``).
+
+    The architecture is the optional ``"architecture"`` field ("gpt"/"t5"), else the one whose
+    fields the keys name, else that of the BMInf checkpoint ``src``.
+
+    >>> read_config("tiny-gpt.json")        # doctest: +SKIP
+    GPTConfig(vocab_size=97, max_positions=64, d_model=32, d_ff=64, n_heads=4, d_head=8, n_layers=3, eps=1e-05)
+    """
+    path = os.path.expanduser(os.fspath(path))
     try:
-        return _convert(args)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"bminf convert: error: {e}", file=sys.stderr)
-        return 1
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of config fields, got {type(doc).__name__}")
+    doc = dict(doc)
+    fields = {arch: {f.name for f in dataclasses.fields(cls)} for arch, (_, cls, _) in ARCHITECTURES.items()}
+    arch = doc.pop("architecture", None)
+    if arch is None:
+        fits = [a for a, names in fields.items() if set(doc) <= names]
+        if len(fits) == 1:
+            arch = fits[0]
+        elif fits and src is not None and detect_format(src)[0] == "bminf":  # only fields both have
+            target = detect_format(src)[1]
+            arch = bminf_format.infer_config(bminf_format.read_index(target), target)[0]
+    if arch not in fields:
+        known = " or ".join(f"{a} ({', '.join(sorted(n))})" for a, n in fields.items())
+        unknown = [k for k in doc if not any(k in n for n in fields.values())]
+        what = f"unknown field {unknown[0]!r}" if unknown else f"architecture {arch!r} is not known"
+        raise ValueError(f"config file {path}: {what}; the fields are those of {known}")
+    unknown = sorted(set(doc) - fields[arch])
+    if unknown:
+        raise ValueError(f"config file {path}: unknown field {unknown[0]!r} for {arch}; its fields are "
+                         f"{', '.join(sorted(fields[arch]))}")
+    return ARCHITECTURES[arch][1](**doc)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    start = time.time()
-    to = args.to or ("bminf" if args.dst.endswith(".pt") else "safetensors")
-    if to == "bminf" and args.no_quantize:
+def output_path(dst: str, to: str) -> str:
+    """The file or directory ``convert`` writes for ``dst`` in format ``to``."""
+    dst = os.path.expanduser(os.fspath(dst))
+    return dst if to != "bminf" or dst.endswith(".pt") else os.path.join(dst, BMINF_FILE)
+
+
+def _check_destination(src: str, dst: str, to: str, force: bool) -> None:
+    """Refuse to write over anything unless ``force``, and over the source always; before any work."""
+    out = output_path(dst, to)
+    _, src_file = detect_format(src)
+    src_paths = {os.path.realpath(src_file), os.path.realpath(os.path.dirname(src_file)),
+                 os.path.realpath(os.path.expanduser(os.fspath(src)))}
+    if os.path.realpath(out) in src_paths or os.path.realpath(os.path.expanduser(os.fspath(dst))) in src_paths:
+        raise ValueError(f"destination {dst} is the source; write the conversion somewhere else")
+    taken = os.path.isfile(out) if to == "bminf" else (
+        os.path.isfile(out) or (os.path.isdir(out) and bool(os.listdir(out))))
+    if taken and not force:
+        raise ValueError(f"destination {out} already exists; pass --force (force=True) to overwrite it")
+
+
+def convert(src: str, dst: str, *, to: Optional[str] = None, preset: Optional[str] = None, quantize: bool = True,
+            dtype: Optional[torch.dtype] = None, config=None, force: bool = False) -> Converted:
+    """Load ``src`` (any format) and save it at ``dst`` as ``to`` (default: bminf if ``dst`` ends in .pt,
+    else safetensors). ``quantize=False`` keeps (or makes) the linears float; ``dtype`` is the float dtype
+    of the output (HF: float32 unless given; bminf: float16 only). ``config`` (a ``GPTConfig``/``T5Config``)
+    describes a BMInf file of a size no preset has. An existing destination is refused unless ``force``.
+
+    >>> convert("CPM-Generate", "out/cpm1-new/checkpoint.pt").notes   # doctest: +SKIP
+    ['quantized the float linears to int8 (per-row absmax) while loading; --no-quantize keeps them float']
+    """
+    to = to or ("bminf" if str(dst).endswith(".pt") else "safetensors")
+    if to not in FORMATS:
+        raise ValueError(f"to={to!r} is not a format; use one of {', '.join(FORMATS)}")
+    if to == "bminf" and not quantize:
         raise ValueError("BMInf's format stores int8 linears; --no-quantize cannot be honoured with --to bminf")
-    if to == "bminf" and args.dtype not in (None, "float16"):
+    if to == "bminf" and dtype not in (None, torch.float16):
         raise ValueError("BMInf 1.x stores float tensors as float16; --dtype float32 is not possible with --to bminf")
-    src_format, _ = detect_format(args.src)
+    _check_destination(src, dst, to, force)
+    src_format, _ = detect_format(src)
     notes = []
-    model = load_model(args.src, preset=args.preset, quantize=False if args.no_quantize else None)
-    if src_format == "hf" and not args.no_quantize:
+    # dequantize straight into the output dtype: through float16 first would round the weights twice
+    load_dtype = None if quantize else (dtype or torch.float32) if to == "hf" else dtype
+    model = load_model(src, preset=preset, quantize=None if quantize else False, dtype=load_dtype, config=config)
+    if src_format == "hf" and quantize:
         notes.append("quantized the float linears to int8 (per-row absmax) while loading; "
                      "--no-quantize keeps them float")
-    if src_format != "hf" and args.no_quantize:
+    if src_format != "hf" and not quantize:
         notes.append("int8 linears, if any, were dequantized (weight x scale); the float weights they were "
                      "quantized from are not recoverable")
-    dtype = _DTYPES.get(args.dtype)
 
     if to == "bminf":
         if is_quantized(model) is not True:
@@ -65,20 +129,15 @@ def _convert(args: argparse.Namespace) -> int:
         if floats - {torch.float16}:
             notes.append("cast float tensors to float16, as BMInf 1.x stores them")
         cast_floats_(model, torch.float16)
-        written = save_model(model, args.dst, format="bminf")
+        written = save_model(model, dst, format="bminf")
     elif to == "hf":
         dtype = dtype or torch.float32
         if is_quantized(model) is not False:
             notes.append(f"wrote the int8 linears dequantized to {str(dtype)[6:]}: loadable by transformers, but "
                          "lossy relative to the original float model (int8 rounding is not undone)")
-        written = save_model(model, args.dst, format="hf", dtype=dtype)
+        written = save_model(model, dst, format="hf", dtype=dtype)
     else:
         if dtype is not None:
             cast_floats_(model, dtype)
-        written = save_model(model, args.dst, format="safetensors")
-
-    for note in notes:
-        print(f"note: {note}")
-    print(f"converted {args.src} ({src_format}) -> {written} ({to}): {describe(model)}, "
-          f"{state_summary(model.state_dict())}, {time.time() - start:.1f} s")
-    return 0
+        written = save_model(model, dst, format="safetensors")
+    return Converted(str(written), src_format, to, f"{describe(model)}, {state_summary(model.state_dict())}", notes)

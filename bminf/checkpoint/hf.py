@@ -157,10 +157,13 @@ def read_hf_config(directory: Union[str, os.PathLike]) -> GPTConfig:
         problems.append(f"n_embd {doc['n_embd']} not divisible by n_head {doc['n_head']}")
     if problems:
         raise CheckpointError(f"{path}: unsupported GPT-2 settings: {'; '.join(problems)}")
-    return GPTConfig(vocab_size=doc["vocab_size"], max_positions=doc.get("n_positions", 1024),
-                     d_model=doc["n_embd"], d_ff=doc.get("n_inner") or 4 * doc["n_embd"], n_heads=doc["n_head"],
-                     d_head=doc["n_embd"] // doc["n_head"], n_layers=doc["n_layer"],
-                     eps=doc.get("layer_norm_epsilon", 1e-5))
+    try:
+        return GPTConfig(vocab_size=doc["vocab_size"], max_positions=doc.get("n_positions", 1024),
+                         d_model=doc["n_embd"], d_ff=doc.get("n_inner") or 4 * doc["n_embd"], n_heads=doc["n_head"],
+                         d_head=doc["n_embd"] // doc["n_head"], n_layers=doc["n_layer"],
+                         eps=doc.get("layer_norm_epsilon", 1e-5))
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: invalid GPT-2 config: {e}") from None
 
 
 def _torch_load(path: str) -> Dict[str, torch.Tensor]:

@@ -1,23 +1,39 @@
 """Weight-only int8 matmul for CUDA in Triton: ``y = x @ (weight * scale[:, None]).T + bias``.
 
-The portable path dequantizes the whole int8 weight to fp16 in memory (two full fp16 copies)
-before cuBLAS runs, so a decode step reads the weight's bytes five times over. Here the int8 tiles
-are widened in registers and the row scale is applied to the fp32 accumulator, so the weight is
-read once: decode (a few rows of ``x``) runs at the memory-bandwidth limit of int8 weights. Used
-for fp16 inputs with at most ``MAX_ROWS`` rows; larger inputs are compute-bound, where the
-portable path's cuBLAS GEMM wins.
+The portable path dequantizes the int8 weight to fp16 in memory (one kernel) before cuBLAS runs,
+so it moves five bytes per weight. Here the int8 tiles are widened in registers and the row scale
+is applied to the fp32 accumulator, so the weight is read once. 1-4 rows (decode) go to the GEMV
+in ``triton_gemv`` (no tensor cores); 5 to ``MAX_ROWS`` rows to the ``tl.dot`` kernel below;
+larger inputs are compute-bound, where the portable path's cuBLAS GEMM wins.
 """
+import contextlib
+import contextvars
 import functools
 import os
 from typing import Optional
 
 import torch
 
+from . import triton_gemv
+
 MAX_ROWS = 64
 # Each launch of a Triton kernel costs tens of microseconds of Python on the host, more than the
 # few eager kernels of the portable path; below this many weight elements the GPU time it saves
 # does not pay for that. BMINF_TRITON_MIN_NUMEL overrides it (0: always; a huge number: never).
 MIN_NUMEL = None  # read from the environment on first use
+# Inside ``always_fused()`` (a CUDA graph's warm-up and capture) there is no per-launch host cost to
+# pay for, so every eligible weight takes the fused kernel whatever its size.
+_ALWAYS = contextvars.ContextVar("bminf_always_fused", default=False)
+
+
+@contextlib.contextmanager
+def always_fused():
+    """Use the fused kernels for every eligible weight, small ones too (for CUDA-graph capture)."""
+    token = _ALWAYS.set(True)
+    try:
+        yield
+    finally:
+        _ALWAYS.reset(token)
 
 
 def min_numel() -> int:
@@ -87,14 +103,17 @@ def _block_n(n: int, device: torch.device) -> int:
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
     # fp16 only: bf16 has not been checked on a GPU yet
-    return (x.is_cuda and x.dtype == torch.float16 and 0 < rows <= MAX_ROWS and weight.numel() >= min_numel()
+    big_enough = _ALWAYS.get() or weight.numel() >= min_numel()
+    return (x.is_cuda and x.dtype == torch.float16 and 0 < rows <= MAX_ROWS and big_enough
             and weight.is_cuda and weight.is_contiguous() and available())
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> torch.Tensor:
-    kernel, cdiv = _kernel()
     n, k = weight.shape
+    if block_k is None and x.numel() // k <= triton_gemv.MAX_ROWS:
+        return triton_gemv.int8_gemv(x, weight, scale, bias)  # decode: no tensor cores, the weight streamed
+    kernel, cdiv = _kernel()
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

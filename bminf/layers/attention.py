@@ -78,12 +78,34 @@ def causal_mask(key_mask: torch.Tensor, start: int, seq: int):
     return allowed, query_pos, key_pos
 
 
-def check_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
-    """Reject ids that nn.Embedding would fail on with an opaque index error."""
+def check_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids", step: bool = False) -> None:
+    """Reject ids that nn.Embedding would fail on with an opaque index error (on CUDA: a device-side
+    assert that ends the process's CUDA context).
+
+    ``step=True`` marks a call continuing on a cache: for one token on an accelerator the range check
+    would cost a host sync per generated token, so it is skipped there (kept on the CPU, where it
+    costs nothing).
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
         raise ValueError(f"{name} must be (batch, seq), got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} must hold integer token ids, got {input_ids.dtype}")
+    if step and input_ids.shape[1] == 1 and input_ids.device.type != "cpu":
+        return
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"{name} holds ids outside [0, {vocab_size}): min {int(input_ids.min())}, "
                          f"max {int(input_ids.max())}")
+
+
+def check_cache_size(batch_size: int, max_length: int, limit: int, limit_name: str) -> None:
+    """A cache of ``batch_size`` rows x ``max_length`` tokens must be positive and within the model's
+    ``limit`` (its config field ``limit_name``): checked before anything is allocated."""
+    for arg, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{arg} must be >= 1, got {value}")
+    if max_length > limit:
+        raise ValueError(f"max_length {max_length} exceeds the model's {limit_name} ({limit})")

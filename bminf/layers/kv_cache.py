@@ -97,6 +97,10 @@ class CrossKVCache:
     def layer(self, i: int) -> "CrossLayerKV":
         return CrossLayerKV(self, i)
 
+    def reset(self) -> None:
+        """Forget the stored keys/values: the next step computes them from a new encoder output."""
+        self.filled = [False] * len(self.filled)
+
 
 class CrossLayerKV:
     def __init__(self, cache: CrossKVCache, i: int):
@@ -106,6 +110,11 @@ class CrossLayerKV:
         return (self.cache.k[self.i], self.cache.v[self.i]) if self.cache.filled[self.i] else None
 
     def set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        want = self.cache.k[self.i].shape
+        if k.shape != want or v.shape != want:
+            # copy_ would broadcast a batch-1 encoder output into every row without a word
+            raise ValueError(f"cross-attention keys of shape {tuple(k.shape)} do not fit the cache's {tuple(want)} "
+                             "(batch, heads, source length, d_head)")
         self.cache.k[self.i].copy_(k)
         self.cache.v[self.i].copy_(v)
         self.cache.filled[self.i] = True

@@ -8,11 +8,12 @@ def relative_position_bucket(query_pos: torch.Tensor, key_pos: torch.Tensor, bid
                              num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
     """T5 bucket of every (query, key) pair: exact for small distances, log-spaced up to ``max_distance``.
 
-    ``query_pos`` (S,) and ``key_pos`` (T,) are absolute positions; returns (S, T) int64.
+    ``query_pos`` (S,) and ``key_pos`` (T,) are absolute positions; returns (S, T) int64. Positions
+    may also be per row, (batch, S) and (batch, T), giving (batch, S, T).
     In the bidirectional case half of the buckets are for keys before the query, half for keys
     after it; the unidirectional (decoder) case treats every later key as distance 0.
     """
-    distance = query_pos[:, None] - key_pos[None, :]  # > 0: key lies in the past
+    distance = query_pos[..., :, None] - key_pos[..., None, :]  # > 0: key lies in the past
     offset = torch.zeros_like(distance)
     if bidirectional:
         num_buckets //= 2
@@ -45,10 +46,11 @@ class RelativePositionBias(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n_heads, num_buckets))
 
     def forward(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-        """(heads, S, T) bias for queries at ``query_pos`` and keys at ``key_pos``."""
+        """(heads, S, T) bias for queries at ``query_pos`` (S,) and keys at ``key_pos`` (T,); with
+        positions per row, (batch, S) and (batch, T), it is (batch, heads, S, T)."""
         buckets = relative_position_bucket(query_pos, key_pos, self.bidirectional, self.num_buckets,
                                            self.max_distance)
-        return self.weight[:, buckets]
+        return self.weight[:, buckets].movedim(0, -3)  # heads before (S, T)
 
     def extra_repr(self) -> str:
         return f"heads={self.weight.shape[0]}, buckets={self.num_buckets}, max_distance={self.max_distance}, " \

@@ -1,7 +1,13 @@
-"""Backbones (``GPT``, ``T5``) with their configs and presets, and the model classes built on them."""
+"""The model classes (``CPM1``, ``CPM2``, ``EVA``) and the backbones under them (``GPT``, ``T5``) with
+their configs and presets.
+
+>>> import bminf
+>>> cpm2 = bminf.models.CPM2()                                   # doctest: +SKIP
+"""
 import importlib
 
 _LAZY = {
+    "CPM1": "bminf.models.cpm1", "CPM2": "bminf.models.cpm2", "EVA": "bminf.models.eva",
     "GPT": "bminf.models.gpt", "GPTConfig": "bminf.models.gpt", "GPT_PRESETS": "bminf.models.gpt",
     "T5": "bminf.models.t5", "T5Config": "bminf.models.t5", "T5_PRESETS": "bminf.models.t5",
 }
@@ -15,3 +21,7 @@ def __getattr__(name):
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
+
+
+def __dir__():
+    return sorted(_LAZY)

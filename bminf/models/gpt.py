@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import Attention, FeedForward, KVCache, additive_mask, causal_mask, check_ids
+from ..layers import Attention, FeedForward, KVCache, additive_mask, causal_mask, check_cache_size, check_ids
+from .config_checks import check_config_fields
 
 
 @dataclass
@@ -20,6 +21,14 @@ class GPTConfig:
     d_head: int = 80
     n_layers: int = 32
     eps: float = 1e-5
+
+    def __post_init__(self):
+        check_config_fields(self, ints=("vocab_size", "max_positions", "d_model", "d_ff", "n_heads", "d_head",
+                                        "n_layers"), floats=("eps",))
+        # GPT-2's layout (CPM-1, its HF checkpoints) splits d_model evenly into the heads
+        if self.n_heads * self.d_head != self.d_model:
+            raise ValueError(f"GPTConfig: n_heads * d_head ({self.n_heads} * {self.d_head}) must equal d_model "
+                             f"({self.d_model})")
 
 
 GPT_PRESETS = {
@@ -68,8 +77,10 @@ class GPT(nn.Module):
         """A KV cache for ``batch_size`` rows of up to ``max_length`` tokens, on the device of each layer
         (a block list split across GPUs says where through ``block_devices``)."""
         c, w = self.config, self.token_embedding.weight
+        max_length = c.max_positions if max_length is None else max_length
+        check_cache_size(batch_size, max_length, c.max_positions, "max_positions")
         home = device or w.device
-        return KVCache(c.n_layers, batch_size, c.n_heads, max_length or c.max_positions, c.d_head,
+        return KVCache(c.n_layers, batch_size, c.n_heads, max_length, c.d_head,
                        dtype=dtype or w.dtype, device=device or getattr(self.layers, "block_devices", None) or home,
                        mask_device=home)
 
@@ -79,8 +90,7 @@ class GPT(nn.Module):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
-            if cache is None or input_ids.shape[1] > 1:  # skip the host sync on one-token decode steps
-                check_ids(input_ids, self.config.vocab_size)
+            check_ids(input_ids, self.config.vocab_size, step=cache is not None)
             x = self.token_embedding(input_ids)
         else:
             x = inputs_embeds.to(self.token_embedding.weight.dtype)

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import (Attention, CrossKVCache, GatedFeedForward, KVCache, RelativePositionBias, RMSNorm,
-                      additive_mask, causal_mask, check_ids)
+                      additive_mask, causal_mask, check_cache_size, check_ids)
+from .config_checks import check_config_fields
 
 
 @dataclass
@@ -23,6 +24,21 @@ class T5Config:
     num_buckets: int = 32
     max_distance: int = 128
     eps: float = 1e-6
+    # longest encoder input and decoder sequence accepted: attention scores grow with its square
+    # (64 heads x 2048^2 x 2 bytes = 512 MiB per row for CPM-2 in fp16); BMInf 1.x's 512 MB pool
+    # allowed about 1000 encoder tokens. Longer inputs are refused before anything is allocated.
+    max_length: int = 2048
+
+    def __post_init__(self):
+        check_config_fields(self, ints=("vocab_size", "d_model", "d_ff", "n_heads", "d_head", "n_encoder_layers",
+                                        "n_decoder_layers", "num_buckets", "max_distance", "max_length"),
+                            floats=("eps",))
+        # the encoder's bidirectional bias splits the buckets in half, each half exact then log-spaced
+        if self.num_buckets % 2 or self.num_buckets < 4:
+            raise ValueError(f"T5Config.num_buckets must be even and >= 4, got {self.num_buckets}")
+        if self.max_distance <= self.num_buckets // 2:
+            raise ValueError(f"T5Config.max_distance ({self.max_distance}) must exceed num_buckets // 2 "
+                             f"({self.num_buckets // 2}), where the decoder's log-spaced buckets start")
 
 
 T5_PRESETS = {
@@ -46,8 +62,8 @@ class EncoderBlock(nn.Module):
         self.ff = GatedFeedForward(d, config.d_ff)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.ln_attn(x), bias)
-        return x + self.ff(self.ln_ff(x))
+        x = clamp_fp16(x + self.self_attn(self.ln_attn(x), bias))
+        return clamp_fp16(x + self.ff(self.ln_ff(x)))
 
 
 class DecoderBlock(nn.Module):
@@ -63,9 +79,20 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, source: Optional[torch.Tensor],
                 cross_bias: torch.Tensor, kv=None, cross_kv=None) -> torch.Tensor:
-        x = x + self.self_attn(self.ln_attn(x), self_bias, kv)
-        x = x + self.cross_attn(self.ln_cross_attn(x), cross_bias, source=source, cross_kv=cross_kv)
-        return x + self.ff(self.ln_ff(x))
+        x = clamp_fp16(x + self.self_attn(self.ln_attn(x), self_bias, kv))
+        x = clamp_fp16(x + self.cross_attn(self.ln_cross_attn(x), cross_bias, source=source, cross_kv=cross_kv))
+        return clamp_fp16(x + self.ff(self.ln_ff(x)))
+
+
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """fp16 only: T5's residual stream can outgrow fp16, and one inf becomes NaN in the next RMSNorm.
+    As HF's T5 does, once any value is inf, clamp all to 1000 below fp16's largest; other dtypes,
+    and fp16 without overflow, pass through unchanged."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big).to(x.dtype)  # on the device: no host sync
+    return torch.clamp(x, -limit, limit)
 
 
 class T5Cache:
@@ -78,6 +105,20 @@ class T5Cache:
     @property
     def length(self) -> int:
         return self.self_kv.length
+
+    def reset(self, encoder_mask: Optional[torch.Tensor] = None) -> None:
+        """Empty the cache for a new prompt of the same batch and source length; ``encoder_mask``
+        (batch, source_len) replaces the old prompt's mask. The next ``decode`` needs ``encoder_output``.
+
+        >>> cache.reset(new_mask)                                 # doctest: +SKIP
+        """
+        if encoder_mask is not None and tuple(encoder_mask.shape) != tuple(self.encoder_mask.shape):
+            raise ValueError(f"encoder_mask of shape {tuple(encoder_mask.shape)} does not fit this cache's "
+                             f"{tuple(self.encoder_mask.shape)}; make a new cache with new_cache")
+        self.self_kv.reset()
+        self.cross.reset()
+        if encoder_mask is not None:
+            self.encoder_mask = encoder_mask.to(device=self.encoder_mask.device, dtype=torch.bool)
 
 
 class T5(nn.Module):
@@ -106,14 +147,21 @@ class T5(nn.Module):
         self.position_bias_dec = RelativePositionBias(c.n_heads, c.num_buckets, c.max_distance, bidirectional=False)
 
     def _embed(self, ids: Optional[torch.Tensor], embeds: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-               name: str, check: bool = True):
+               name: str, step: bool = False):
         if embeds is None:
             if ids is None:
                 raise ValueError(f"pass {name} or its embeddings")
-            if check:
-                check_ids(ids, self.config.vocab_size, name)
-            embeds = self.input_embedding(ids)
-        x = embeds.to(self.input_embedding.weight.dtype)
+            check_ids(ids, self.config.vocab_size, name, step)
+            seq = ids.shape[1]
+        else:
+            if embeds.dim() != 3 or embeds.shape[-1] != self.config.d_model:
+                raise ValueError(f"embeddings for {name} must be (batch, seq, {self.config.d_model}), "
+                                 f"got {tuple(embeds.shape)}")
+            seq = embeds.shape[1]
+        if seq > self.config.max_length:
+            raise ValueError(f"{name} has {seq} tokens, more than the model's max_length ({self.config.max_length}); "
+                             "shorten the input, or raise T5Config.max_length if memory allows")
+        x = (self.input_embedding(ids) if embeds is None else embeds).to(self.input_embedding.weight.dtype)
         batch, seq = x.shape[:2]
         mask = torch.ones(batch, seq, dtype=torch.bool, device=x.device) if mask is None \
             else mask.to(device=x.device, dtype=torch.bool)
@@ -135,10 +183,17 @@ class T5(nn.Module):
     def new_cache(self, encoder_mask: torch.Tensor, max_length: int = 256, dtype=None, device=None) -> T5Cache:
         """A decoder cache for a batch whose encoder mask is ``encoder_mask`` (batch, source_len)."""
         c, w = self.config, self.input_embedding.weight
+        if not isinstance(encoder_mask, torch.Tensor) or encoder_mask.dim() != 2:
+            raise ValueError(f"encoder_mask must be a (batch, source_len) tensor, got "
+                             f"{tuple(encoder_mask.shape) if isinstance(encoder_mask, torch.Tensor) else encoder_mask!r}")
+        batch, source_len = encoder_mask.shape
+        check_cache_size(batch, max_length, c.max_length, "max_length")
+        if source_len > c.max_length:
+            raise ValueError(f"encoder_mask covers {source_len} tokens, more than the model's max_length "
+                             f"({c.max_length})")
         dtype, home = dtype or w.dtype, device or w.device
         # each decoder layer's cache on its device (a block list split across GPUs says where)
         layers = device or getattr(self.dec_layers, "block_devices", None) or home
-        batch, source_len = encoder_mask.shape
         self_kv = KVCache(c.n_decoder_layers, batch, c.n_heads, max_length, c.d_head, dtype, layers, home)
         cross = CrossKVCache(c.n_decoder_layers, batch, c.n_heads, source_len, c.d_head, dtype, layers)
         return T5Cache(self_kv, cross, encoder_mask.to(device=home, dtype=torch.bool))
@@ -147,22 +202,29 @@ class T5(nn.Module):
                encoder_mask: Optional[torch.Tensor] = None, decoder_attention_mask: Optional[torch.Tensor] = None,
                cache: Optional[T5Cache] = None, decoder_inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decoder logits (batch, seq, vocab). With a cache, ``encoder_output`` is needed on the first step only."""
-        check = cache is None or (decoder_input_ids is not None and decoder_input_ids.shape[1] > 1)
         x, mask = self._embed(decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask,
-                              "decoder_input_ids", check)
-        seq = x.shape[1]
+                              "decoder_input_ids", step=cache is not None)
+        batch, seq = x.shape[:2]
         if cache is not None:
             encoder_mask = cache.encoder_mask
+        if encoder_output is None and (cache is None or not all(cache.cross.filled)):
+            raise ValueError("decode needs encoder_output " + ("on a cache's first step" if cache is not None
+                                                               else "when no cache is given"))
+        if encoder_output is not None:
+            self._check_encoder_output(encoder_output, encoder_mask, batch)
+        if cache is not None:
             start, key_mask = cache.length, cache.self_kv.begin(mask)
         else:
-            if encoder_output is None:
-                raise ValueError("decode needs encoder_output when no cache is given")
             start, key_mask = 0, mask
         if encoder_mask is None:
             encoder_mask = torch.ones(encoder_output.shape[:2], dtype=torch.bool, device=x.device)
 
-        allowed, query_pos, key_pos = causal_mask(key_mask, start, seq)
-        self_bias = self.position_bias_dec(query_pos, key_pos)[None].to(x.dtype) + additive_mask(allowed, x.dtype)[:, None]
+        allowed, _, _ = causal_mask(key_mask, start, seq)
+        # relative positions count each row's real tokens: a right-padded prefix leaves gaps in the
+        # cache's slots, which must not count as distance (left padding and none are unchanged)
+        real_pos = key_mask.long().cumsum(1) - 1  # (batch, keys)
+        self_bias = self.position_bias_dec(real_pos[:, start:], real_pos).to(x.dtype) + \
+            additive_mask(allowed, x.dtype)[:, None]  # (batch, heads, seq, keys)
         cross_bias = additive_mask(encoder_mask.to(x.device, torch.bool), x.dtype)[:, None, None, :]
 
         for i, block in enumerate(self.dec_layers):
@@ -172,6 +234,17 @@ class T5(nn.Module):
         if cache is not None:
             cache.self_kv.commit(mask)
         return self.lm_head(self.ln_dec(x))
+
+    def _check_encoder_output(self, encoder_output: torch.Tensor, encoder_mask: Optional[torch.Tensor],
+                              batch: int) -> None:
+        # a batch-1 encoder output would broadcast silently into a batch-N attention
+        if encoder_output.dim() != 3 or encoder_output.shape[0] != batch or \
+                encoder_output.shape[2] != self.config.d_model:
+            raise ValueError(f"encoder_output must be (batch={batch}, source_len, {self.config.d_model}) like the "
+                             f"decoder input, got {tuple(encoder_output.shape)}")
+        if encoder_mask is not None and tuple(encoder_mask.shape) != tuple(encoder_output.shape[:2]):
+            raise ValueError(f"encoder mask of shape {tuple(encoder_mask.shape)} does not match encoder_output "
+                             f"{tuple(encoder_output.shape[:2])}")
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.output_embedding.weight)  # untied, unscaled

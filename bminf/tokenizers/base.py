@@ -7,10 +7,12 @@ Nothing here imports jieba until a tokenizer first encodes.
 """
 import functools
 import logging
+import operator
 import os
 from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
-__all__ = ["Tokenizer", "VocabTokenizer", "MissingTokenError", "load_vocab", "segment", "fullwidth_table"]
+__all__ = ["Tokenizer", "VocabTokenizer", "MissingTokenError", "load_vocab", "segment", "fullwidth_table",
+           "check_text", "token_id"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -62,15 +64,48 @@ def load_vocab(path: PathLike) -> Tuple[List[str], int]:
     >>> tokens[:3], n_blank                                    # doctest: +SKIP
     (['<unk>', '<s>', '</s>'], 0)
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"vocab_path must be a path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"vocab file {path} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"vocab_path {path} is a directory; pass the vocab.txt inside it")
     tokens, n_blank = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                                 f"line: {raw[:40]!r}); vocab files are UTF-8 text") from None
             piece = line.strip()
             if piece:
                 tokens.append(piece)
             else:
                 n_blank += 1
     return tokens, n_blank
+
+
+def check_text(text) -> str:
+    """``text`` itself if it is a ``str``; otherwise a TypeError that says what to pass."""
+    if isinstance(text, str):
+        return text
+    if isinstance(text, (bytes, bytearray)):
+        raise TypeError(f"text must be a str, got {type(text).__name__}; decode it first, e.g. "
+                        "text.decode('utf-8')")
+    raise TypeError(f"text must be a str, got {type(text).__name__} {text!r:.80}")
+
+
+def token_id(i) -> int:
+    """An id as a plain int: ints, numpy integers and one-element integer tensors pass; floats,
+    bools and strings are a TypeError (``int(1.5)`` would silently truncate)."""
+    if isinstance(i, bool):
+        raise TypeError(f"token ids must be integers, got bool {i!r}")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise TypeError(f"token ids must be integers, got {type(i).__name__} {i!r:.80}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,6 +245,7 @@ class VocabTokenizer:
         >>> tok.get_span(0)                                       # doctest: +SKIP
         26050
         """
+        i = token_id(i)
         if i < 0:
             raise ValueError(f"sentinel index must be >= 0, got {i}")
         return self._special(f"<s_{i}>")
@@ -219,6 +255,7 @@ class VocabTokenizer:
         return self._ids.get(token)
 
     def id_to_token(self, i: int) -> str:
+        i = token_id(i)
         if not 0 <= i < len(self._tokens):
             raise ValueError(f"token id {i} is outside the vocabulary (size {len(self._tokens)})")
         return self._tokens[i]
@@ -233,6 +270,7 @@ class VocabTokenizer:
         >>> tok.encode("我们喜欢北京")                              # doctest: +SKIP
         [12, 15, 16]
         """
+        text = check_text(text)
         ids: List[int] = []
         for word in segment(text.translate(self._fold)):
             ids.extend(self._encode_word(word))
@@ -271,10 +309,14 @@ class VocabTokenizer:
         >>> tok.decode(tok.encode("我们 hello"))                   # doctest: +SKIP
         '我们 hello'
         """
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"ids must be an iterable of token ids, got {type(ids).__name__} {ids!r:.80}")
+        if getattr(ids, "ndim", 1) != 1:
+            raise ValueError(f"ids must be one sequence (1-D), got shape {tuple(ids.shape)}; decode each row")
         tokens, n = self._tokens, len(self._tokens)
         pieces = []
         for i in ids:
-            i = int(i)
+            i = token_id(i)
             if not 0 <= i < n:
                 raise ValueError(f"token id {i} is outside the vocabulary (size {n})")
             pieces.append(tokens[i])

@@ -9,7 +9,7 @@ import os
 import unicodedata
 from typing import List, Optional
 
-from .base import SPACES_TO_MARKS, PathLike, VocabTokenizer, fullwidth_table, segment
+from .base import SPACES_TO_MARKS, PathLike, VocabTokenizer, check_text, fullwidth_table, segment
 
 __all__ = ["CPM1Tokenizer"]
 
@@ -55,7 +55,11 @@ class CPM1Tokenizer(VocabTokenizer):
         """
         import sentencepiece
 
+        if not isinstance(model_path, (str, os.PathLike)):
+            raise TypeError(f"model_path must be a path, got {type(model_path).__name__} {model_path!r}")
         path = os.fspath(model_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"sentencepiece model {path} does not exist")
         processor = sentencepiece.SentencePieceProcessor()
         try:
             processor.Load(path)
@@ -76,7 +80,7 @@ class CPM1Tokenizer(VocabTokenizer):
         """
         if self._sp is None:
             return super().encode(text)
-        text = " ".join(word.translate(SPACES_TO_MARKS) for word in segment(text))
+        text = " ".join(word.translate(SPACES_TO_MARKS) for word in segment(check_text(text)))
         ids: List[int] = []
         for piece in self._sp.EncodeAsPieces(_clean(text)):
             if len(piece) > 1 and piece[-1] == "," and piece[-2].isdigit():

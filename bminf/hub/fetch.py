@@ -9,26 +9,27 @@ to ``<file>.part`` and are renamed into place only after the size and sha256 che
 '/tmp/c/cpm1-new/vocab.txt'
 """
 import errno
-import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import time
-from contextlib import contextmanager
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import requests
 import urllib3
-from filelock import FileLock, Timeout
 from tqdm import tqdm
+
+from .cachefiles import (CHUNK_BYTES, cache_error, file_size, in_directory, is_verified, locked, meta_path,
+                         read_meta, remove, sha256_of, write_meta, writing)
+
+__all__ = ["fetch", "copy_local", "remote_sha256", "DownloadError", "IntegrityError", "SourceUnreachableError",
+           "Timeouts", "is_verified", "read_meta", "meta_path"]
 
 logger = logging.getLogger("bminf.hub")
 
 Timeouts = Union[float, Tuple[float, float]]
 
-CHUNK_BYTES = 1 << 20
 RETRY_BACKOFF_S = 1.0  # first pause after a failed attempt that made no progress; doubles, capped at 30 s
 MAX_ATTEMPTS = 1000  # hard stop even for a server that keeps dropping after a few new bytes
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -45,113 +46,6 @@ class IntegrityError(DownloadError):
 
 class SourceUnreachableError(DownloadError):
     """No connection to the source could be made at all (offline, DNS, refused)."""
-
-
-# ---------------------------------------------------------------- local files
-
-
-def _cache_error(exc: OSError, path: str) -> OSError:
-    """Turn a low-level OSError into one whose message names the cache directory and the fix."""
-    directory = os.path.dirname(path)
-    hint = "set BMINF_CACHE (or bminf.hub.set_cache_path) to another directory"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        msg = f"cache directory {directory} is not writable ({exc.strerror}); {hint}"
-        return PermissionError(exc.errno, msg, path)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        msg = (f"no space left in cache directory {directory} ({exc.strerror}); free space and run again "
-               f"(bytes already in a .part file are kept and resumed), or {hint}")
-        return OSError(exc.errno, msg, path)
-    return OSError(exc.errno, f"cannot write to cache directory {directory} ({exc.strerror}); {hint}", path)
-
-
-@contextmanager
-def _writing(path: str):
-    # Only local file operations go in here: requests' exceptions are OSErrors too and must not be renamed.
-    try:
-        yield
-    except OSError as exc:
-        raise _cache_error(exc, path) from exc
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0
-
-
-def _remove(path: str) -> None:
-    with _writing(path):
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def _sha256_of(path: str, limit: Optional[int] = None, progress: Optional[bool] = False):
-    """A sha256 hasher fed with the first ``limit`` bytes of ``path`` (all of it when None)."""
-    hasher = hashlib.sha256()
-    remaining = _size(path) if limit is None else limit
-    if remaining == 0:
-        return hasher
-    disable = None if progress is None else not progress
-    with open(path, "rb") as f, tqdm(total=remaining, unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=f"Verifying {os.path.basename(path)}", disable=disable) as bar:
-        while remaining > 0:
-            block = f.read(min(CHUNK_BYTES, remaining))
-            if not block:
-                break
-            hasher.update(block)
-            remaining -= len(block)
-            bar.update(len(block))
-    return hasher
-
-
-def meta_path(dest: str) -> str:
-    return dest + ".meta"
-
-
-def read_meta(dest: str) -> Optional[dict]:
-    try:
-        with open(meta_path(dest), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def is_verified(dest: str, sha256: Optional[str] = None) -> bool:
-    """True when ``dest`` is a file this module verified and it still has the recorded size (no hashing)."""
-    meta = read_meta(dest)
-    if meta is None or not os.path.isfile(dest) or meta.get("size") != os.path.getsize(dest):
-        return False
-    return sha256 is None or meta.get("sha256") == sha256.lower()
-
-
-def _write_meta(dest: str, size: int, sha256: Optional[str], url: str) -> None:
-    tmp = meta_path(dest) + ".tmp"
-    with _writing(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"size": size, "sha256": sha256, "url": url, "time": int(time.time())}, f)
-        os.replace(tmp, meta_path(dest))
-
-
-@contextmanager
-def _locked(lock_path: str, what: str):
-    # Create the lock file ourselves first: FileLock's own error for a read-only directory is less clear.
-    with _writing(lock_path):
-        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0.5)
-    except Timeout:
-        logger.warning("waiting for another process that is downloading %s (lock %s)", what, lock_path)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 # ---------------------------------------------------------------- network
@@ -196,7 +90,7 @@ def _parse_content_range(value: str) -> Tuple[Optional[int], Optional[int]]:
 
 
 def _adopt_existing(session, url: str, dest: str, part: str, sha256: Optional[str], timeout: Timeouts,
-                    progress: Optional[bool]) -> bool:
+                    progress: Optional[bool], check: Optional[Callable[[str], None]] = None) -> bool:
     """A file at ``dest`` that we did not verify (BMInf 1.x download, manual copy): keep, resume or drop it.
 
     Returns True when ``dest`` is to be used as it is. BMInf 1.x wrote straight to the final name, so a
@@ -215,23 +109,29 @@ def _adopt_existing(session, url: str, dest: str, part: str, sha256: Optional[st
         return True
     local, remote = os.path.getsize(dest), int(length)
     if local == remote:
-        digest = _sha256_of(dest, progress=progress).hexdigest() if sha256 else None
-        if digest == sha256:
-            _write_meta(dest, local, digest, url)
+        digest = sha256_of(dest, progress=progress).hexdigest() if sha256 else None
+        problem = None if digest == sha256 else "does not match the sha256 of"
+        if problem is None and check is not None:
+            try:
+                check(dest)
+            except ValueError as exc:
+                problem = f"is the size of, but not a copy of ({exc})"
+        if problem is None:
+            write_meta(dest, local, digest, url)
             return True
-        logger.warning("%s does not match the sha256 of %s; downloading it again", dest, url)
-    elif local < remote and _size(part) < local:
+        logger.warning("%s %s %s; downloading it again", dest, problem, url)
+    elif local < remote and file_size(part) < local:
         logger.warning("%s is incomplete (%d of %d bytes); resuming it", dest, local, remote)
-        with _writing(part):
+        with writing(part):
             os.replace(dest, part)
         return False
-    _remove(dest)
+    remove(dest)
     return False
 
 
 def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_args: dict) -> str:
     """One GET from the current end of ``part``. Returns 'done', 'retry' or 'restart'; raises on HTTP errors."""
-    offset = _size(part)
+    offset = file_size(part)
     headers = {"Accept-Encoding": "identity"}  # byte counts must match Content-Length, so no gzip
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -263,9 +163,9 @@ def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_a
         if total is not None:
             free = shutil.disk_usage(os.path.dirname(part)).free
             if free < total - start:
-                raise _cache_error(OSError(errno.ENOSPC, f"{total - start} bytes needed, {free} free"), part)
+                raise cache_error(OSError(errno.ENOSPC, f"{total - start} bytes needed, {free} free"), part)
         if state["hashed"] != start:  # resuming a part from an earlier run: hash what is already there
-            state["hasher"] = _sha256_of(part, limit=start, progress=state["progress"])
+            state["hasher"] = sha256_of(part, limit=start, progress=state["progress"])
             state["hashed"] = start
         bar = state.get("bar")
         if bar is None:
@@ -273,7 +173,7 @@ def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_a
         else:  # a resumed attempt: the bar continues from the bytes already on disk
             bar.reset(total=total)
             bar.update(start)
-        with _writing(part):
+        with writing(part):
             f = open(part, "ab" if start else "wb", buffering=0)
         try:
             # raw.read, not iter_content: it hands over the bytes received before a hang-up instead of
@@ -283,7 +183,7 @@ def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_a
                 if not chunk:
                     break
                 view = memoryview(chunk)
-                with _writing(part):
+                with writing(part):
                     while view:
                         view = view[f.write(view):]
                 state["hasher"].update(chunk)
@@ -296,45 +196,70 @@ def _attempt(session, url: str, part: str, state: dict, timeout: Timeouts, bar_a
 
 def fetch(url: str, dest: str, *, lock_path: str, sha256: Optional[str] = None, size: Optional[int] = None,
           force: bool = False, timeout: Timeouts = (10.0, 60.0), retries: int = 5,
-          progress: Optional[bool] = None, desc: str = "") -> str:
+          progress: Optional[bool] = None, desc: str = "", check: Optional[Callable[[str], None]] = None) -> str:
     """Download ``url`` to ``dest`` unless a verified copy is there; returns ``dest``.
 
-    ``sha256``/``size`` are known values (the registry's); without a sha256, ``<url>.sha256`` is asked for.
-    Dropped connections resume with HTTP Range; ``retries`` bounds consecutive attempts that add no bytes.
+    ``sha256``/``size`` are known values (the registry's); without a sha256, ``<url>.sha256`` is asked for
+    first, before anything is created in the cache. ``check(path)`` raises ValueError when the complete
+    file is not what it should be (see ``bminf.hub.verify``). Dropped connections resume with HTTP Range;
+    ``retries`` bounds consecutive attempts that add no bytes.
     Raises SourceUnreachableError (no connection at all, nothing changed), DownloadError (a partial
     ``.part`` may stay for resuming), IntegrityError (the ``.part`` is deleted), or OSError/PermissionError
-    naming the cache directory.
+    naming the cache directory. A failure leaves no empty directory and no lock file behind.
     """
     part = dest + ".part"
-    with _writing(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with _locked(lock_path, desc or dest), requests.Session() as session:
-        if force:
-            _remove(part)  # the cached file stays until its replacement is complete and verified
-        elif is_verified(dest, sha256):
-            return dest  # another process finished it while we waited for the lock
+    known_sha256 = sha256
+    with requests.Session() as session:
         # "answered": whether the source has replied, which tells "unreachable" from "transfer failed"
         answered = sha256 is None or os.path.isfile(dest)
         if sha256 is None:
             sha256 = remote_sha256(session, url, timeout, retries)
-        if not force and os.path.isfile(dest) and _adopt_existing(session, url, dest, part, sha256, timeout, progress):
+        with locked(lock_path, desc or dest), in_directory(dest):
+            if force:
+                remove(part)  # the cached file stays until its replacement is complete and verified
+            elif is_verified(dest, known_sha256):
+                return dest  # another process finished it while we waited for the lock
+            if not force and os.path.isfile(dest) and _adopt_existing(session, url, dest, part, sha256, timeout,
+                                                                      progress, check):
+                return dest
+            state = {"answered": answered, "size": size, "total": None, "hasher": None, "hashed": -1,
+                     "error": "", "progress": progress}
+            bar_args = dict(unit="B", unit_scale=True, unit_divisor=1024, desc=f"Downloading {desc}",
+                            disable=None if progress is None else not progress)
+            try:
+                _transfer(session, url, part, state, timeout, retries, bar_args)
+            finally:
+                if state.get("bar") is not None:
+                    state["bar"].close()
+            return _finish(url, dest, part, sha256, state, check)
+
+
+def copy_local(src: str, dest: str, *, lock_path: str, sha256: Optional[str] = None, force: bool = False,
+               progress: Optional[bool] = None, desc: str = "", check: Optional[Callable[[str], None]] = None) -> str:
+    """Copy ``src`` (a file of a ``file://`` mirror) into the cache with the checks of a download.
+
+    The digest is the registry's ``sha256``, else the one in ``<src>.sha256`` if present.
+    """
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"the mirror has no {os.path.basename(src)}: {src} does not exist")
+    if sha256 is None and os.path.isfile(src + ".sha256"):
+        with open(src + ".sha256", encoding="utf-8") as f:
+            token = (f.read().split() or [""])[0]
+        sha256 = token.lower() if _SHA256_RE.match(token) else None
+    with locked(lock_path, desc or dest), in_directory(dest):
+        if not force and is_verified(dest, sha256):
             return dest
-        state = {"answered": answered, "size": size, "total": None, "hasher": None, "hashed": -1,
-                 "error": "", "progress": progress}
-        bar_args = dict(unit="B", unit_scale=True, unit_divisor=1024, desc=f"Downloading {desc}",
-                        disable=None if progress is None else not progress)
-        try:
-            _transfer(session, url, part, state, timeout, retries, bar_args)
-        finally:
-            if state.get("bar") is not None:
-                state["bar"].close()
-        return _finish(url, dest, part, sha256, state)
+        part = dest + ".part"
+        with writing(part):
+            shutil.copyfile(src, part)
+        state = {"total": file_size(src), "hasher": None, "hashed": -1, "progress": progress}
+        return _finish("file://" + src, dest, part, sha256, state, check)
 
 
 def _transfer(session, url, part, state, timeout, retries, bar_args) -> None:
     # Progress means more bytes than the part ever held: re-fetching bytes lost to a restart does not
     # count, so a server that makes us restart forever still runs out of retries.
-    failures, best = 0, _size(part)
+    failures, best = 0, file_size(part)
     for _ in range(MAX_ATTEMPTS):
         try:
             outcome = _attempt(session, url, part, state, timeout, bar_args)
@@ -345,41 +270,48 @@ def _transfer(session, url, part, state, timeout, retries, bar_args) -> None:
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:  # timeouts, broken streams
             outcome, state["error"] = "retry", str(exc)
         if outcome == "restart":
-            _remove(part)
+            remove(part)
             state["error"] = "the server's byte range did not continue the partial file"
         elif outcome == "done":
             total = state["total"]
-            if total is None or _size(part) >= total:
+            if total is None or file_size(part) >= total:
                 return
-            outcome, state["error"] = "retry", f"stream ended at byte {_size(part)} of {total}"
-        if _size(part) > best:
-            failures, best = 0, _size(part)  # resume at once, this attempt does not count against the bound
+            outcome, state["error"] = "retry", f"stream ended at byte {file_size(part)} of {total}"
+        if file_size(part) > best:
+            failures, best = 0, file_size(part)  # resume at once, this attempt does not count against the bound
             continue
         failures += 1
         if failures > retries:
             break
         _pause(failures)
-    kept = f"; {_size(part)} bytes are kept in {part} and the next try resumes" if _size(part) else ""
+    kept = f"; {file_size(part)} bytes are kept in {part} and the next try resumes" if file_size(part) else ""
     raise DownloadError(f"download of {url} failed after {retries} retries: {state['error']}{kept}")
 
 
-def _finish(url: str, dest: str, part: str, sha256: Optional[str], state: dict) -> str:
-    received, total = _size(part), state["total"]
+def _finish(url: str, dest: str, part: str, sha256: Optional[str], state: dict,
+            check: Optional[Callable[[str], None]] = None) -> str:
+    received, total = file_size(part), state["total"]
     if total is not None and received != total:
-        _remove(part)
+        remove(part)
         raise IntegrityError(f"{url}: received {received} bytes but the server announced {total}; "
                              "partial file deleted")
     if state["hashed"] != received:
-        state["hasher"] = _sha256_of(part, progress=state["progress"])
+        state["hasher"] = sha256_of(part, progress=state["progress"])
     digest = state["hasher"].hexdigest()
     if sha256 is not None and digest != sha256:
-        _remove(part)
+        remove(part)
         raise IntegrityError(f"{url}: sha256 mismatch (expected {sha256}, got {digest}); partial file deleted, "
                              "run again to download it from scratch")
-    with _writing(part):
+    if check is not None:
+        try:
+            check(part)
+        except ValueError as exc:
+            remove(part)
+            raise IntegrityError(f"{url}: received {received} bytes, but {exc}; the file was deleted") from None
+    with writing(part):
         with open(part, "rb") as f:
             os.fsync(f.fileno())  # the bytes reach the disk before the name says "complete"
-        _remove(meta_path(dest))  # describes the file being replaced
+        remove(meta_path(dest))  # describes the file being replaced
         os.replace(part, dest)
-    _write_meta(dest, received, digest, url)
+    write_meta(dest, received, digest, url)
     return dest

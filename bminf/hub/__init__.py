@@ -10,22 +10,21 @@ Files live at ``<source><version>/<file>`` and are cached at ``<cache>/<version>
 layout as BMInf 1.x, so its downloads are reused. Each setting is taken from, in order: the argument
 of the call, the setter (``set_source``, ``set_cache_path``, ``set_offline``), the environment
 (``BMINF_SOURCE``, ``BMINF_CACHE``, ``BMINF_OFFLINE`` = 1/true/yes), the default.
-A cached file that bminf verified is used with no network call at all; see ``bminf.hub_download``
+A cached file that bminf verified is used with no network call at all; see ``bminf.hub.fetch``
 for how downloads resume and are verified.
 """
-import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from bminf import hub_download
-from bminf.hub_download import DownloadError, IntegrityError, SourceUnreachableError, Timeouts
+from . import fetch, verify
+from .fetch import DownloadError, IntegrityError, SourceUnreachableError, Timeouts
 
-__all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError", "IntegrityError",
-           "SourceUnreachableError", "set_source", "get_source", "set_cache_path", "get_cache_path", "set_offline",
-           "is_offline", "ensure_file", "ensure_version", "download", "list_cached"]
+__all__ = ["VERSIONS", "FILES", "LATEST", "RemoteFile", "CachedFile", "NotCachedError", "DownloadError",
+           "IntegrityError", "SourceUnreachableError", "set_source", "get_source", "set_cache_path", "get_cache_path",
+           "set_offline", "is_offline", "ensure_file", "ensure_version", "download", "list_cached", "DEFAULT_SOURCE",
+           "DEFAULT_CACHE", "DEFAULT_TIMEOUT", "SCHEMES", "fetch", "verify"]
 
 logger = logging.getLogger("bminf.hub")
 
@@ -74,16 +73,41 @@ class _Settings:
 _settings = _Settings()  # what the setters chose; None means "ask the environment"
 
 
+SCHEMES = ("http://", "https://", "file://")
+
+
 def _with_slash(url: str) -> str:
     return url if url.endswith("/") else url + "/"
 
 
+def _check_str(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_path(value, name: str) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(value).__name__} {value!r}")
+    return os.fspath(value)
+
+
+def _check_source(url, origin: str = "source") -> str:
+    """``url`` with a trailing slash, if it is an http(s):// URL or a file:// directory."""
+    _check_str(url, "source")
+    if not url.startswith(SCHEMES):
+        raise ValueError(f"source {url!r} (from {origin}) must start with http://, https:// or file:// "
+                         "(file://DIR: a local mirror holding DIR/<version>/<file>)")
+    return _with_slash(url)
+
+
 def set_source(url: Optional[str]) -> None:
-    """Download from ``url`` (a mirror of ``<url><version>/<file>``); None goes back to BMINF_SOURCE/default.
+    """Download from ``url`` (a mirror of ``<url><version>/<file>``: http://, https://, or file://DIR for a
+    local directory); None goes back to BMINF_SOURCE/default.
 
     >>> set_source("http://mirror.example.com/bminf")    # doctest: +SKIP
     """
-    _settings.source = None if url is None else _with_slash(url)
+    _settings.source = None if url is None else _check_source(url, "set_source")
 
 
 def get_source() -> str:
@@ -93,7 +117,7 @@ def get_source() -> str:
 
 def set_cache_path(path: Optional[str]) -> None:
     """Cache files under ``path``; None goes back to BMINF_CACHE or ``~/.cache/bigmodels``."""
-    _settings.cache_path = None if path is None else os.fspath(path)
+    _settings.cache_path = None if path is None else _check_path(path, "path")
 
 
 def get_cache_path() -> str:
@@ -104,6 +128,8 @@ def get_cache_path() -> str:
 
 def set_offline(offline: Optional[bool]) -> None:
     """True: never touch the network, use only cached files. None goes back to BMINF_OFFLINE."""
+    if offline is not None and not isinstance(offline, bool):
+        raise TypeError(f"offline must be True, False or None, got {type(offline).__name__} {offline!r}")
     _settings.offline = offline
 
 
@@ -117,9 +143,23 @@ def is_offline() -> bool:
 
 
 def _check_version(version: str) -> None:
+    _check_str(version, "version")
     if version not in VERSIONS and not version.startswith("file://"):
         raise ValueError(f"unknown model version {version!r}; known versions: {', '.join(VERSIONS)} "
-                         "(or file://DIR for a local directory)")
+                         "(or file://DIR, a local directory holding checkpoint.pt and vocab.txt; "
+                         "a mirror of all versions is a source: --source file://DIR / set_source)")
+
+
+def _check_options(timeout, retries) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int >= 0, got {type(retries).__name__} {retries!r}")
+    if retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got int {retries}")
+    values = timeout if isinstance(timeout, tuple) else (timeout,)
+    if not 1 <= len(values) <= 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise TypeError(f"timeout must be seconds or a (connect, read) pair of seconds, got {timeout!r}")
+    if any(v <= 0 for v in values):
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
 
 
 def _lookup(version: str, filename: str) -> RemoteFile:
@@ -159,30 +199,38 @@ def ensure_file(version: str, filename: str, *, source: Optional[str] = None, ca
     cached), DownloadError/IntegrityError (the source failed or sent wrong bytes; nothing is left at
     the final name), PermissionError/OSError (the cache directory cannot be written or is full).
     """
+    _check_str(version, "version")
+    _check_str(filename, "filename")
+    _check_options(timeout, retries)
     if version.startswith("file://"):
         path = os.path.join(_local_dir(version), filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{version}: no file {filename} at {path}")
         return path
     remote = _lookup(version, filename)
-    source = _with_slash(source) if source else get_source()
-    dest = os.path.join(os.path.abspath(os.path.expanduser(cache_dir or get_cache_path())), version, filename)
+    source = _check_source(source, "source= / --source") if source is not None else \
+        _check_source(get_source(), "set_source" if _settings.source else "BMINF_SOURCE")
+    cache_dir = get_cache_path() if cache_dir is None else _check_path(cache_dir, "cache_dir")
+    dest = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), version, filename)
     if offline if offline is not None else is_offline():
         if force:
             raise ValueError("force=True needs the network, but offline mode is on")
         if os.path.isfile(dest):
             return dest
         raise _not_cached(version, filename, dest, source, "offline mode is on (BMINF_OFFLINE / set_offline)")
-    if not force and hub_download.is_verified(dest, remote.sha256):
+    if not force and fetch.is_verified(dest, remote.sha256):
         return dest
-    if not source.startswith(("http://", "https://")):
-        raise ValueError(f"source {source!r} is not an http(s) URL (set by BMINF_SOURCE or set_source)")
+    lock_path = os.path.join(os.path.dirname(os.path.dirname(dest)), ".locks", version, filename + ".lock")
+    check = verify.checker(version, filename)
+    if source.startswith("file://"):
+        return fetch.copy_local(os.path.join(_local_dir(source), version, filename), dest, lock_path=lock_path,
+                                sha256=remote.sha256, force=force, progress=progress,
+                                desc=f"{version}/{filename}", check=check)
     try:
-        return hub_download.fetch(
+        return fetch.fetch(
             source + version + "/" + filename, dest,
-            lock_path=os.path.join(os.path.dirname(os.path.dirname(dest)), ".locks", version, filename + ".lock"),
-            sha256=remote.sha256, size=remote.size, force=force, timeout=timeout, retries=retries,
-            progress=progress, desc=f"{version}/{filename}")
+            lock_path=lock_path, sha256=remote.sha256, size=remote.size, force=force, timeout=timeout,
+            retries=retries, progress=progress, desc=f"{version}/{filename}", check=check)
     except SourceUnreachableError as exc:
         if os.path.isfile(dest) and not force:
             logger.warning("%s is unreachable; using the cached %s as it is", source, dest)
@@ -207,6 +255,8 @@ def download(version: str, files: Optional[Sequence[str]] = None, *, force: bool
     ``force`` downloads again even when cached. ``options`` are those of ``ensure_file``.
     """
     _check_version(version)
+    if isinstance(files, str) or not (files is None or isinstance(files, (list, tuple))):
+        raise TypeError(f"files must be a list of file names, got {type(files).__name__} {files!r}")
     names = files or [r.name for r in VERSIONS.get(version, ())] or list(FILES)
     paths = [ensure_file(version, name, force=force, **options) for name in names]
     return os.path.dirname(paths[0])
@@ -237,7 +287,8 @@ def list_cached(cache_dir: Optional[str] = None) -> List[CachedFile]:
     >>> [(f.version, f.name, f.status) for f in list_cached()]   # doctest: +SKIP
     [('cpm2.1-new', 'checkpoint.pt', 'verified'), ('cpm2.1-new', 'vocab.txt', 'verified')]
     """
-    root = os.path.abspath(os.path.expanduser(cache_dir or get_cache_path()))
+    cache_dir = get_cache_path() if cache_dir is None else _check_path(cache_dir, "cache_dir")
+    root = os.path.abspath(os.path.expanduser(cache_dir))
     found = []
     versions = sorted(os.listdir(root)) if os.path.isdir(root) else []
     for version in versions:
@@ -251,64 +302,11 @@ def list_cached(cache_dir: Optional[str] = None) -> List[CachedFile]:
             if name.endswith(".part"):
                 name, status = name[:-len(".part")], "partial"
             else:
-                status = "verified" if hub_download.is_verified(path) else "unverified"
+                status = "verified" if fetch.is_verified(path) else "unverified"
             found.append(CachedFile(version, name, path, os.path.getsize(path), status))
     return found
 
 
-# ---------------------------------------------------------------- command line (python -m bminf ...)
-
-
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
-        size /= 1024
-    return f"{size} B"
-
-
-def add_download_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("versions", nargs="+", metavar="VERSION",
-                        help=f"a released version ({', '.join(VERSIONS)})")
-    parser.add_argument("--source", help="mirror base URL (default: $BMINF_SOURCE, else the BMInf server)")
-    parser.add_argument("--cache-dir", help="cache directory (default: $BMINF_CACHE, else ~/.cache/bigmodels)")
-    parser.add_argument("--force", action="store_true", help="download again even if already cached")
-    parser.add_argument("--timeout", type=float, help="seconds to wait to connect and between reads (default 10, 60)")
-    parser.add_argument("--retries", type=int, default=5, help="attempts in a row without progress before giving up")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_download(args: argparse.Namespace) -> int:
-    for version in args.versions:
-        try:
-            directory = download(version, force=args.force, source=args.source, cache_dir=args.cache_dir,
-                                 timeout=args.timeout or DEFAULT_TIMEOUT, retries=args.retries,
-                                 progress=False if args.no_progress else None)
-        except (ValueError, OSError) as exc:  # DownloadError and NotCachedError are OSErrors
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"{version}: {directory}")
-    return 0
-
-
-def add_list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", help="cache directory (default: $BMINF_CACHE, else ~/.cache/bigmodels)")
-
-
-def run_list(args: argparse.Namespace) -> int:
-    root = os.path.abspath(os.path.expanduser(args.cache_dir or get_cache_path()))
-    cached: Dict[Tuple[str, str], List[CachedFile]] = {}
-    for f in list_cached(root):
-        cached.setdefault((f.version, f.name), []).append(f)
-    print(f"cache:  {root}\nsource: {get_source()}" + ("  (offline)" if is_offline() else ""))
-    others = sorted({version for version, _ in cached} - set(VERSIONS))
-    for version in list(VERSIONS) + others:
-        print(version + ("" if version in VERSIONS else "  (not a known version)"))
-        names = [r.name for r in VERSIONS.get(version, ())] + sorted(n for v, n in cached if v == version)
-        for name in dict.fromkeys(names):
-            for f in cached.get((version, name), []):
-                hint = f" (resume: python -m bminf download {version})" if f.status == "partial" else ""
-                print(f"  {name:<16} {_human(f.size):>10}  {f.status}{hint}")
-            if not any(f.status != "partial" for f in cached.get((version, name), [])):
-                print(f"  {name:<16} {'':>10}  not cached")
-    return 0
+def __dir__():
+    # the public names only: not os, logging or the settings object
+    return sorted(__all__)

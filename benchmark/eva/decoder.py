@@ -1,0 +1,11 @@
+"""EVA decode throughput: 255 greedy steps against a 256-token encoder output, LM head included.
+
+    python -m benchmark.eva.decoder --batch-size 1 32 --memory-limit 6GiB 3GiB --json eva_decoder.json
+
+bminf resident (CUDA graphs) against HF fp16 eager; under --memory-limit, bminf's layer streaming
+against accelerate's dispatch_model. Random weights of the real size. See benchmark/common.py.
+"""
+from ..runs import decoder_main
+
+if __name__ == "__main__":
+    decoder_main("eva", __doc__)

@@ -1,0 +1,10 @@
+"""EVA encoder throughput: 24 int8 encoder blocks + final norm over 256 tokens, against HF fp16 eager.
+
+    python -m benchmark.eva.encoder --batch-size 1 8 --json eva_encoder.json
+
+Random weights of the real size (no checkpoint). See benchmark/common.py for what is timed.
+"""
+from ..runs import encoder_main
+
+if __name__ == "__main__":
+    encoder_main("eva", __doc__)

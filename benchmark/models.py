@@ -1,0 +1,123 @@
+"""CPM-1, CPM-2 and EVA at their real sizes (random int8 weights) through the model classes.
+
+Each model is written in BMInf's released layout (``checkpoint.pt`` + a ``vocab.txt`` of the real
+size), loaded the way users load it (``bminf.models.CPM2(version=DIR, memory_limit=...)``), and asked
+for tokens; the script prints load time, decode tokens/s and peak GPU memory against the budget.
+The weights are random, so the text is noise: this checks sizes, memory and speed, not quality.
+
+    python benchmark/models.py --models cpm1 eva cpm2 --cpm2-memory-limit 6GiB --json out.json
+"""
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+import bminf
+from bminf.checkpoint import save_model
+from bminf.checkpoint.common import preset_config, build_model
+from bminf.demo import path as demo_path
+from bminf.units import parse_size
+from bminf.generation import loop
+from offload import materialize_
+
+_steps = [0]
+_sample = loop.sample
+
+
+def _counting_sample(*args, **kwargs):
+    _steps[0] += 1  # one call per generated token of the batch
+    return _sample(*args, **kwargs)
+
+
+loop.sample = _counting_sample
+
+TASKS = {
+    "cpm1": lambda m, n: m.generate("天空是蔚蓝色，窗外有", max_tokens=n, temperature=0),
+    "cpm2": lambda m, n: m.fill_blank("北京环球影城指定单日门票将采用<span>制度", max_tokens=n, temperature=0),
+    "eva": lambda m, n: m.dialogue(["你好", "推荐一本书"], max_tokens=n, temperature=0),
+}
+CLASSES = {"cpm1": "CPM1", "cpm2": "CPM2", "eva": "EVA"}
+
+
+def write_vocab(kind: str, size: int, path: str) -> None:
+    """A vocab of the real size: the demo's Chinese pieces, filler, and (T5) the 190 sentinels last."""
+    with open(os.path.join(demo_path(f"{kind}-demo"), "vocab.txt"), encoding="utf-8") as f:
+        pieces = [line.strip() for line in f if line.strip() and not line.startswith("<s_")]
+    sentinels = [] if kind == "cpm1" else [f"<s_{i}>" for i in range(190)]
+    filler = [f"<unused_{i}>" for i in range(size - len(pieces) - len(sentinels))]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(pieces + filler + sentinels) + "\n")
+
+
+def make_checkpoint(kind: str, directory: str, device: torch.device) -> int:
+    arch, cfg = preset_config(kind)
+    model = materialize_(build_model(arch, cfg, quantize=True), torch.float16, device)
+    path = save_model(model, directory, format="bminf")
+    write_vocab(kind, cfg.vocab_size, os.path.join(directory, "vocab.txt"))
+    del model
+    gc.collect()
+    return os.path.getsize(path)
+
+
+def run(kind: str, root: str, device: torch.device, limit, tokens: int) -> dict:
+    directory = os.path.join(root, kind)
+    start = time.perf_counter()
+    size = make_checkpoint(kind, directory, device)
+    written = time.perf_counter() - start
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    model = getattr(bminf.models, CLASSES[kind])(version=directory, device=device, memory_limit=limit)
+    loaded = time.perf_counter() - start
+    first = time.perf_counter()
+    TASKS[kind](model, 4)  # warm-up: first kernel launches, jieba
+    first = time.perf_counter() - first
+    torch.cuda.synchronize(device)
+    _steps[0] = 0
+    start = time.perf_counter()
+    result = TASKS[kind](model, tokens)
+    torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device)
+    row = dict(model=kind, checkpoint_bytes=size, write_s=round(written, 1), load_s=round(loaded, 1),
+               first_call_s=round(first, 2), decode_s=round(elapsed, 3), tokens=_steps[0],
+               tokens_per_s=round(_steps[0] / elapsed, 1),
+               peak_gib=round(peak / 2**30, 3), memory_limit_gib=None if limit is None else round(limit / 2**30, 3),
+               under_limit=None if limit is None else peak <= limit,
+               streamed_blocks=[len(getattr(lst, "streamed_blocks", [])) for lst in
+                                (getattr(model.backbone, n, None) for n in ("layers", "enc_layers", "dec_layers"))
+                                if lst is not None])
+    print(json.dumps(row, ensure_ascii=False), flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    os.remove(os.path.join(directory, "checkpoint.pt"))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cpm1", "eva", "cpm2"], choices=list(TASKS))
+    parser.add_argument("--cpm2-memory-limit", default="6GiB")
+    parser.add_argument("--tokens", type=int, default=32, help="max_tokens of the timed call (greedy)")
+    parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as root:
+        for kind in args.models:
+            limit = parse_size(args.cpm2_memory_limit) if kind == "cpm2" else None
+            rows.append(run(kind, root, device, limit, args.tokens))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

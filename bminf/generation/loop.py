@@ -1,0 +1,129 @@
+"""The one generation loop every model shares: prefill, then one token a step on a preallocated cache.
+
+A *runner* hides the backbone: ``start()`` runs the prompt and returns the logits of the first new
+token, ``step(tokens)`` feeds one token per row and returns the next logits. A *row* (see
+``bminf.models.tasks``) turns its row's tokens into text and says when it is done. The loop itself
+only samples, counts tokens for the penalties, and stops when every row is done.
+
+>>> runner = GPTRunner(model, [[5, 6, 7]], max_new_tokens=8)        # doctest: +SKIP
+>>> for events in decode(runner, rows, SamplingParams(temperature=0)):  # doctest: +SKIP
+...     print(events)                                                # [(row, text piece), ...]
+"""
+import random
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .sampling import SamplingParams, count_ids, sample
+
+__all__ = ["GPTRunner", "T5Runner", "decode", "pad_rows"]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], left: bool, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (batch, longest): rows padded with id 0 on the left or the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, span] = True
+    return ids.to(device), mask.to(device)
+
+
+def _home(model: torch.nn.Module) -> torch.device:
+    # where the embeddings live: inputs go there, and the blocks move activations as they need
+    emb = getattr(model, "token_embedding", None) or getattr(model, "input_embedding")
+    return emb.weight.device
+
+
+class GPTRunner:
+    """Decoder-only (CPM-1): the prompts left-padded so that every row's next token lands in one column.
+
+    ``graphed``: a ``GraphedDecoder`` of the model for this batch size (one-token steps replayed from
+    CUDA graphs, into its own cache), or None to run the model eagerly.
+    """
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, graphed=None):
+        self.model = graphed or model
+        self.device = _home(model)
+        self.ids, self.mask = pad_rows(prompts, left=True, device=self.device)
+        self.cache = graphed.new_cache() if graphed else model.new_cache(len(prompts),
+                                                                         self.ids.shape[1] + max_new_tokens)
+
+    def start(self) -> torch.Tensor:
+        return self.model(self.ids, attention_mask=self.mask, cache=self.cache)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens.to(self.device)[:, None], cache=self.cache)[:, -1]
+
+
+class T5Runner:
+    """Encoder-decoder (CPM-2, EVA): encode once, then decode from a decoder prefix shared by every row.
+    ``graphed`` as for ``GPTRunner``."""
+
+    def __init__(self, model, sources: Sequence[Sequence[int]], decoder_prefix: Sequence[int],
+                 max_new_tokens: int, graphed=None):
+        self.model = graphed or model
+        self.device = _home(model)
+        self.ids, self.mask = pad_rows(sources, left=False, device=self.device)
+        self.prefix = torch.as_tensor([list(decoder_prefix)] * len(sources), dtype=torch.long, device=self.device)
+        self.cache = graphed.new_cache(self.mask) if graphed else \
+            model.new_cache(self.mask, max_length=len(decoder_prefix) + max_new_tokens)
+
+    def start(self) -> torch.Tensor:
+        encoded = self.model.encode(self.ids, self.mask)
+        return self.model.decode(self.prefix, encoded, cache=self.cache)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens.to(self.device)[:, None], cache=self.cache)[:, -1]
+
+
+def _generator(seed: Optional[int], device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
+    return gen
+
+
+def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequence[int]], vocab_size: int,
+           no_penalty: Sequence[int] = (), filtered: Sequence[int] = ()) -> Iterator[List[Tuple[int, str]]]:
+    """Generate until every row is done; yield, after each step, the ``(row index, output)`` pairs for
+    the rows whose ``push`` returned something (a text piece; an empty list when no row did).
+
+    ``rows[i]`` has ``done``, ``banned()`` (ids it may not take next, or None) and ``push(token)``.
+    ``prompts`` are counted for the penalties (``no_penalty`` ids never are); ``filtered`` ids are never
+    sampled. Every row gets its own generator seeded with ``params.seed``, so a row's tokens are the
+    ones it would get alone.
+    """
+    if all(row.done for row in rows):
+        return
+    with torch.inference_mode():
+        logits = runner.start()
+        device = logits.device
+        penalized = params.frequency_penalty != 0 or params.presence_penalty != 0
+        counts = count_ids(prompts, vocab_size, no_penalty, device) if penalized else None
+        exempt = torch.zeros(vocab_size, dtype=torch.bool)
+        exempt[list(no_penalty)] = True
+        base_ban = torch.zeros(vocab_size, dtype=torch.bool)
+        base_ban[list(filtered)] = True
+        generators = None if params.greedy else [_generator(params.seed, device) for _ in rows]
+        while True:
+            ban = base_ban[None].repeat(len(rows), 1)
+            for i, row in enumerate(rows):
+                extra = row.banned()
+                if extra:
+                    ban[i, list(extra)] = True
+            tokens = sample(logits, params, counts, ban.to(device), generators)
+            events = []
+            for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+                if row.done:
+                    continue
+                out = row.push(token)
+                if out:
+                    events.append((i, out))
+                if counts is not None and not exempt[token]:
+                    counts[i, token] += 1
+            yield events
+            if all(row.done for row in rows):
+                return
+            logits = runner.step(tokens)

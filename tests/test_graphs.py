@@ -1,0 +1,142 @@
+"""GraphedDecoder's static step (fixed-size caches, attention over a masked bucket, positions as device
+tensors) against the models' eager decode: eagerly on the CPU (fp32, relative error < 1e-5), and
+replayed from CUDA graphs on a GPU (fp16, greedy tokens equal, logits within fp16 rounding)."""
+import pytest
+import torch
+
+from bminf.generation.graphs import GraphedDecoder, StaticLayerKV, buckets_for
+from bminf.quantization import quantize_
+from helpers import rel_err, tiny_gpt, tiny_t5
+
+TOL = 1e-5
+
+
+def test_buckets_cover_max_length():
+    assert buckets_for(64) == [64]
+    assert buckets_for(65) == [64, 65]
+    assert buckets_for(1000, smallest=128) == [128, 256, 512, 1000]
+
+
+def test_static_layer_kv_writes_at_a_device_position():
+    k = torch.zeros(1, 2, 8, 3)
+    v = torch.zeros(1, 2, 8, 3)
+    kv = StaticLayerKV(k, v, torch.tensor([5]), length=6)
+    ks, vs = kv.update(torch.ones(1, 2, 1, 3), 2 * torch.ones(1, 2, 1, 3))
+    assert ks.shape == (1, 2, 6, 3) and float(k[:, :, 5].min()) == 1 and float(k.sum()) == 6
+    assert float(v[:, :, 5].min()) == 2
+
+
+def greedy_gpt(model, prompt, mask, steps, dec=None):
+    """Prefill then greedy steps; returns the list of step logits."""
+    cache = dec.new_cache() if dec else model.new_cache(prompt.shape[0], 40)
+    call = dec if dec else model
+    with torch.no_grad():
+        logits = call(prompt, attention_mask=mask, cache=cache)[:, -1]
+        out = [logits]
+        for _ in range(steps):
+            logits = call(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+            out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gpt_static_step_equals_eager(quantized):
+    model = tiny_gpt()
+    if quantized:
+        quantize_(model)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prompt, dtype=torch.bool)
+    mask[1, :3] = False  # left padding: row 1's positions start later
+    eager = greedy_gpt(model, prompt, mask, 12)
+    dec = GraphedDecoder(model, batch_size=2, max_length=40, buckets=[8, 16, 40])
+    assert not dec.use_graphs
+    static = greedy_gpt(model, prompt, mask, 12, dec)
+    for a, b in zip(eager, static):
+        assert rel_err(b, a) < TOL
+    # the same object serves a second prompt: its cache starts empty again
+    again = greedy_gpt(model, prompt, mask, 12, dec)
+    assert all(rel_err(b, a) < TOL for a, b in zip(eager, again))
+
+
+def greedy_t5(model, src, src_mask, start, steps, dec=None):
+    with torch.no_grad():
+        if dec:
+            enc, cache = dec.encode(src, src_mask), dec.new_cache(src_mask)
+            step = dec.decode
+        else:
+            enc, cache = model.encode(src, src_mask), model.new_cache(src_mask, 40)
+            step = model.decode
+        logits = step(start, enc, cache=cache)[:, -1]
+        out = [logits]
+        for _ in range(steps):
+            logits = step(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+            out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_t5_static_step_equals_eager(quantized):
+    model = tiny_t5()
+    if quantized:
+        quantize_(model)
+    g = torch.Generator().manual_seed(2)
+    src = torch.randint(0, model.config.vocab_size, (2, 9), generator=g)
+    src_mask = torch.ones_like(src, dtype=torch.bool)
+    src_mask[0, 6:] = False
+    start = torch.randint(0, model.config.vocab_size, (2, 3), generator=g)  # a multi-token first step
+    eager = greedy_t5(model, src, src_mask, start, 14)
+    # the cross-attention cache is padded to 16 source positions, self-attention runs in buckets
+    dec = GraphedDecoder(model, batch_size=2, max_length=40, max_source_length=16, buckets=[4, 8, 32, 40])
+    static = greedy_t5(model, src, src_mask, start, 14, dec)
+    for a, b in zip(eager, static):
+        assert rel_err(b, a) < TOL
+
+
+def test_graphed_decoder_rejects_bad_use():
+    model = tiny_t5()
+    with pytest.raises(ValueError, match="batch_size"):
+        GraphedDecoder(model, batch_size=0, max_length=8)
+    with pytest.raises(ValueError, match="use_graphs"):
+        GraphedDecoder(model, batch_size=1, max_length=8, use_graphs=True)  # a CPU model
+    dec = GraphedDecoder(model, batch_size=1, max_length=8, max_source_length=4)
+    with pytest.raises(ValueError, match="max_source_length"):
+        dec.new_cache(torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="encoder_mask"):
+        dec.new_cache(torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="new_cache"):
+        dec.decode(torch.tensor([[1]]), torch.zeros(1, 3, 32), cache=model.new_cache(torch.ones(1, 3), 8))
+    with pytest.raises(ValueError, match="positions"):
+        GraphedDecoder(tiny_gpt(), batch_size=1, max_length=1000)
+    gpt_dec = GraphedDecoder(tiny_gpt(), batch_size=1, max_length=3)
+    cache = gpt_dec.new_cache()
+    gpt_dec(torch.tensor([[1, 2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match="max_length"):
+        gpt_dec(torch.tensor([[4]]), cache=cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gpt", "t5"])
+def test_cuda_graph_steps_match_eager_on_gpu(kind):
+    torch.manual_seed(0)
+    model = (tiny_gpt() if kind == "gpt" else tiny_t5())
+    model = quantize_(model).cuda().half()
+    batch, steps = 2, 20
+    if kind == "gpt":
+        prompt = torch.randint(0, model.config.vocab_size, (batch, 6), device="cuda")
+        mask = torch.ones_like(prompt, dtype=torch.bool)
+        eager = greedy_gpt(model, prompt, mask, steps)
+        dec = GraphedDecoder(model, batch_size=batch, max_length=40, buckets=[8, 16, 40])
+        assert dec.use_graphs
+        graphed = greedy_gpt(model, prompt, mask, steps, dec)
+    else:
+        src = torch.randint(0, model.config.vocab_size, (batch, 9), device="cuda")
+        src_mask = torch.ones_like(src, dtype=torch.bool)
+        start = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+        eager = greedy_t5(model, src, src_mask, start, steps)
+        dec = GraphedDecoder(model, batch_size=batch, max_length=40, max_source_length=16, buckets=[8, 16, 40])
+        assert dec.warm_up() > 0 and len(dec.graphs) == 3
+        graphed = greedy_t5(model, src, src_mask, start, steps, dec)
+    assert len(dec.graphs) == 3
+    for a, b in zip(eager, graphed):
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        assert rel_err(b.float(), a.float()) < 1e-2
