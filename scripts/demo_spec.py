@@ -4,6 +4,8 @@ and the one way text becomes token ids (used for training examples and held-out 
 import os
 from typing import List
 
+import torch
+
 from bminf.demo import path as demo_path
 from bminf.models.gpt import GPT_PRESETS, GPT, GPTConfig
 from bminf.models.t5 import T5_PRESETS, T5, T5Config
@@ -33,6 +35,22 @@ def build_model(version: str):
     return (GPT if VERSIONS[version]["arch"] == "gpt" else T5)(config(version))
 
 
+def init_weights(model, seed: int):
+    """Seeded random weights near unit activation scale: embeddings N(0, 0.02), linears
+    N(0, 1/fan_in); T5's queries also times 1/sqrt(d_head), since T5 does not scale QK^T.
+    Norms and biases keep torch's init (ones, and zeros or uniform)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2:
+                continue
+            std = 0.02 if "embedding" in name else p.shape[1] ** -0.5
+            if name.endswith("project_q.weight") and isinstance(model, T5):
+                std *= model.config.d_head ** -0.5
+            p.normal_(0, std)
+    return model
+
+
 def tokenizer(version: str, directory: str = None):
     """The version's tokenizer over ``directory/vocab.txt`` (default: the shipped demo directory)."""
     spec = VERSIONS[version]
@@ -47,5 +65,10 @@ def encode_words(tok, text: str) -> List[List[int]]:
     Concatenated, the lists equal ``tok.encode(text)`` (the same fold, segmentation and matching);
     keeping the boundaries lets span corruption cut text between words without re-running jieba.
     """
-    # the tokenizer's own per-word step, so these ids cannot drift from encode()
-    return [tok._encode_word(word) for word in segment(text.translate(tok._fold))]
+    return [ids for ids, _ in encode_words_with_text(tok, text)]
+
+
+def encode_words_with_text(tok, text: str):
+    """``(ids, word)`` for each jieba word of ``text``, as :func:`encode_words` cuts it."""
+    # the tokenizer's own fold and per-word step, so these ids cannot drift from encode()
+    return [(tok._encode_word(word), word) for word in segment(text.translate(tok._fold))]

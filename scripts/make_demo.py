@@ -19,7 +19,6 @@ import collections
 import os
 from typing import Dict, List
 
-import torch
 
 import demo_text
 import demo_spec
@@ -92,17 +91,10 @@ def unk_rate(version: str, docs: List[Dict[str, str]], directory: str):
 def random_checkpoint(version: str, directory: str, seed: int = SEED) -> str:
     """A seeded random-weight model of the version, int8, saved as BMInf's checkpoint.pt.
 
-    Matrices are drawn with std 0.02 (embeddings, position tables) and 1/sqrt(fan_in) (linears), so
-    activations stay near unit scale and greedy decoding wanders instead of repeating one token.
+    Activations stay near unit scale (demo_spec.init_weights), so greedy decoding wanders instead
+    of repeating one token. train_demo.py starts training from the same weights.
     """
-    torch.manual_seed(seed)
-    model = demo_spec.build_model(version).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() < 2:
-                continue  # norms and biases keep their init (ones and zeros / uniform)
-            std = 0.02 if "embedding" in name else p.shape[1] ** -0.5
-            p.normal_(0, std)
+    model = demo_spec.init_weights(demo_spec.build_model(version).eval(), seed)
     quantize_(model).half()
     return save_model(model, directory, format="bminf")
 
