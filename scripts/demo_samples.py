@@ -76,7 +76,7 @@ def main() -> None:
         for i, segment in enumerate(segments):
             source += tok.encode(segment) + ([tok.get_span(i)] if i < len(segments) - 1 else [])
         out = t5_greedy(model, source, tok.sod_id, args.steps, [tok.unk_id])
-        blanks, current = [], None
+        blanks = []
         for i in out:  # <s_0> text <s_1> text ... <s_n>
             if i in sentinels:
                 if len(blanks) == len(segments) - 1:

