@@ -164,19 +164,27 @@ class Engine:
         groups: Dict[int, List[Job]] = {}
         for job in new:
             groups.setdefault(len(job.prefix or ()), []).append(job)
-        parts, logits = [], []
+        parts, logits, slots = [], [], list(self._slots)
         if self._slots:
             parts.append((self._cache, range(len(self._slots))))
             logits.append(self._logits)
         for jobs in groups.values():
             prefixes = [j.prefix for j in jobs] if jobs[0].prefix is not None else None
-            cache, first = batch.prefill(self.backbone, [j.source for j in jobs], prefixes)
+            try:
+                cache, first = batch.prefill(self.backbone, [j.source for j in jobs], prefixes)
+            except Exception as exc:  # noqa: BLE001 -- these jobs fail; the running batch is untouched
+                _log.exception("prefill of %d new jobs failed", len(jobs))
+                for job in jobs:
+                    job.sink("error", exc)
+                continue
             parts.append((cache, range(len(jobs))))
             logits.append(first)
-            self._slots += [_Slot(j, first.device) for j in jobs]
-        room = max(s.job.remaining for s in self._slots)
-        self._cache = batch.join(parts, room)
-        self._logits = torch.cat(logits)
+            slots += [_Slot(j, first.device) for j in jobs]
+        if len(slots) == len(self._slots):
+            return
+        room = max(s.job.remaining for s in slots)
+        cache = batch.join(parts, room)
+        self._cache, self._logits, self._slots = cache, torch.cat(logits), slots
 
     def _sample(self) -> torch.Tensor:
         """One token per row, each group of rows with equal parameters sampled together."""
