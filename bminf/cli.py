@@ -191,8 +191,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = _load(args, args.model)
     except (ValueError, TypeError, OSError) as exc:
         return _error("serve", exc)
-    serve(model, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
-          drain_timeout=args.drain_timeout)
+    try:
+        serve(model, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
+              drain_timeout=args.drain_timeout)
+    except KeyboardInterrupt:  # Ctrl-C: the server has drained and stopped; no traceback
+        return 130
     return 0
 
 

@@ -9,6 +9,7 @@ cancels its jobs, which leave the batch at the next step.
 >>> serve(bminf.models.CPM2(version="cpm2-demo"), port=8000)        # doctest: +SKIP
 """
 import asyncio
+import contextlib
 import json
 import logging
 from typing import AsyncIterator, Dict, List, Optional
@@ -92,8 +93,14 @@ def _engine_error(exc: BaseException) -> APIError:
 
 
 def create_app(model, engine: Engine, api_key: Optional[str] = None) -> FastAPI:
-    """The FastAPI app serving ``model`` (a CPM1, CPM2 or EVA) through ``engine``."""
-    app = FastAPI(title="bminf", docs_url=None, redoc_url=None, openapi_url=None)
+    """The FastAPI app serving ``model`` (a CPM1, CPM2 or EVA) through ``engine``; the engine stops when
+    the app shuts down (after the server let the requests in flight finish)."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(engine.stop, 10)
+
+    app = FastAPI(title="bminf", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     names = {model.model_key, model.version}
     endpoint = supported_endpoint(model)
 
@@ -238,7 +245,8 @@ def create_app(model, engine: Engine, api_key: Optional[str] = None) -> FastAPI:
 def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, api_key: Optional[str] = None,
           drain_timeout: float = 30.0, log_level: str = "info") -> None:
     """Serve ``model`` until SIGINT/SIGTERM; then stop taking requests, let the ones in flight finish for
-    up to ``drain_timeout`` seconds, cancel the rest, and stop the engine."""
+    up to ``drain_timeout`` seconds, cancel the rest, and stop the engine. As uvicorn does, the signal is
+    then raised again, so the process ends as that signal says (SIGINT: ``KeyboardInterrupt``)."""
     import uvicorn
 
     model.tokenizer.encode("你好")  # load jieba now, not in the first request
