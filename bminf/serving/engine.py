@@ -108,9 +108,13 @@ class Engine:
             raise ShuttingDown("the server is shutting down")
         self._inbox.put(job)
 
-    def stats(self) -> Dict[str, int]:
-        return {"running": len(self._slots), "waiting": self._inbox.qsize(), "max_batch": self.max_batch,
-                "steps": self.steps}
+    def stats(self) -> Dict[str, object]:
+        out = {"running": len(self._slots), "waiting": self._inbox.qsize(), "max_batch": self.max_batch,
+               "steps": self.steps}
+        if self.device.type == "cuda":  # what a memory budget is checked against
+            out["gpu_allocated_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
+            out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return out
 
     def stop(self, timeout: Optional[float] = None) -> None:
         self._stopping.set()
