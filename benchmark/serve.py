@@ -140,6 +140,34 @@ def run_clients(server: Server, n: int, requests: int, body: dict) -> dict:
                 mean_batch=round(tokens / steps, 2) if steps else None)
 
 
+def completion_text(port: int, body: dict) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    reply = json.loads(conn.getresponse().read())
+    conn.close()
+    return reply["choices"][0]["text"]
+
+
+def batch_consistency(server: Server, n: int, max_tokens: int) -> bool:
+    """Whether a greedy request gives the same text alone and while ``n - 1`` other greedy requests decode
+    with it (in fp16 on a GPU, kernels chosen per batch size may round differently)."""
+    body = dict(model="cpm2", max_tokens=max_tokens, temperature=0)
+    alone = completion_text(server.port, dict(body, prompt=PROMPT.format(i=0)))
+    texts = [None] * n
+    barrier = threading.Barrier(n)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        texts[i] = completion_text(server.port, dict(body, prompt=PROMPT.format(i=i)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return texts[0] == alone
+
+
 def bench_setting(version: str, device: str, limit, args, workdir: str) -> list:
     name = "resident" if limit is None else f"budget {limit}"
     log = os.path.join(workdir, f"server-{'resident' if limit is None else limit}.log")
@@ -165,6 +193,12 @@ def bench_setting(version: str, device: str, limit, args, workdir: str) -> list:
         if base and biggest["clients"] > 1:
             print(f"{name}: {biggest['clients']} clients get {biggest['speedup_vs_1']}x the total throughput of one "
                   f"(target at 16: >= 8x)", flush=True)
+        if args.check_equal:
+            same = batch_consistency(server, max(args.clients), args.max_tokens)
+            print(f"{name}: a greedy request alone and among {max(args.clients) - 1} others gives the same text: "
+                  f"{same}", flush=True)
+            for r in rows:
+                r["greedy_equal_alone_and_batched"] = same
         health = server.health()
         if "gpu_peak_gib" in health:
             print(f"{name}: GPU memory peak {health['gpu_peak_gib']} GiB (allocated now {health['gpu_allocated_gib']} GiB)",
@@ -202,6 +236,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1, help="completions each client sends, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--no-check-equal", dest="check_equal", action="store_false",
+                        help="skip comparing a greedy request alone and in a full batch")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the server")
     parser.add_argument("--dir", help="where to write the checkpoint and logs (default: a temporary directory)")
     parser.add_argument("--json", help="write the rows here")
