@@ -221,6 +221,8 @@ def make_real_size(directory: str) -> str:
 
     start = time.perf_counter()
     size = make_checkpoint("cpm2", directory, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the server is another process: leave it the GPU
     print(f"wrote a real-size random CPM-2 checkpoint ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s",
           flush=True)
     return directory

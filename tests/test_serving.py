@@ -298,17 +298,26 @@ def _long_cpm1_request() -> dict:
     return dict(model="cpm1", prompt="北京", max_tokens=200, temperature=100.0, seed=0)
 
 
-def test_client_disconnecting_mid_stream_frees_its_slot(servers):
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnecting_mid_generation_frees_its_slot(servers, stream):
     server = servers["cpm1"]
     steps = server.health()["steps"]
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps(dict(_long_cpm1_request(), stream=True)),
-                 {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.readline().startswith(b"data: ")  # the first chunk arrived: decoding is under way
-    conn.sock.shutdown(socket.SHUT_RDWR)
-    conn.close()
+    body = json.dumps(dict(_long_cpm1_request(), stream=stream)).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    if stream:
+        received = b""
+        while b"data: " not in received:  # the first chunk arrived: decoding is under way
+            more = sock.recv(4096)
+            assert more, "the server closed the stream"
+            received += more
+    else:
+        deadline = time.monotonic() + 30
+        while not server.health()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
     deadline = time.monotonic() + 30
     while server.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)

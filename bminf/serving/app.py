@@ -15,7 +15,7 @@ import logging
 from typing import AsyncIterator, Dict, List, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +32,10 @@ MAX_BODY_BYTES = 1 << 20
 
 def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+class _ClientGone(Exception):
+    """The client disconnected: its jobs are cancelled and nobody reads the answer."""
 
 
 class _Run:
@@ -58,14 +62,18 @@ class _Run:
             self.engine.submit(task.job)
 
     def cancel(self) -> None:
+        """Cancel the jobs (they leave the batch at the next step) and wake whoever waits on them."""
         for task in self.tasks:
             task.job.cancel()
+        self.events.put_nowait((None, "cancelled", None))
 
     async def events_until_done(self) -> AsyncIterator[tuple]:
         """``(task, kind, value)`` until every task is done; an engine error is raised."""
         pending = len(self.tasks)
         while pending:
             task, kind, value = await self.events.get()
+            if kind == "cancelled":
+                raise _ClientGone()
             if kind == "error":
                 raise value
             if kind == "done":
@@ -177,6 +185,8 @@ def create_app(model, engine: Engine, api_key: Optional[str] = None) -> FastAPI:
         try:
             async for task, kind, value in run.events_until_done():
                 texts[task.index] += task.render(value) if kind == "output" else task.tail()
+        except _ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         except Exception as exc:  # noqa: BLE001 -- the engine's error, reported to this client only
             return _error(_engine_error(exc))
         finally:
@@ -224,6 +234,8 @@ def create_app(model, engine: Engine, api_key: Optional[str] = None) -> FastAPI:
                     yield chunk([choice(task, None, task.finish_reason())])
             if include_usage:
                 yield chunk([], usage=run.usage(n))
+        except _ClientGone:
+            return
         except Exception as exc:  # noqa: BLE001 -- headers are sent: the error goes in the stream
             yield f"data: {json.dumps(_engine_error(exc).body())}\n\n"
         finally:
