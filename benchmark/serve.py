@@ -206,9 +206,9 @@ def bench_setting(version: str, device: str, limit, args, workdir: str) -> list:
             for r in rows:
                 r["gpu_peak_gib_after_all"] = health["gpu_peak_gib"]
         with open(log) as f:
-            growth = [line.strip() for line in f if "reserve" in line.lower()]
-        if growth:
-            print(f"{name}: the server's budget log says: {growth[-1]}", flush=True)
+            growth = [line.strip() for line in f if "reserving" in line or "blocks resident" in line]
+        for line in growth:  # placement, and each time a batch outgrew the budget's reserve
+            print(f"{name}: server log: {line}", flush=True)
     finally:
         server.stop()
     return rows

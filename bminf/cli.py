@@ -187,6 +187,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _error("serve", ImportError(f"{exc}; the server needs: pip install 'bminf[server]'"))
     if args.max_batch < 1:
         return _error("serve", ValueError(f"--max-batch must be >= 1, got {args.max_batch}"))
+    import logging
+
+    # a server's log says where the blocks went and when a budget's reserve grows (uvicorn logs the rest)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logging.getLogger("bminf").addHandler(handler)
+    logging.getLogger("bminf").setLevel(logging.INFO)
     try:
         model = _load(args, args.model)
     except (ValueError, TypeError, OSError) as exc:

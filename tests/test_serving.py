@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -37,24 +38,29 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, BMINF_OFFLINE="1", PYTHONPATH=ROOT)
-        self.log = open(os.devnull, "w")
+        # a file, not a pipe: a pipe nobody reads would block the server once it filled
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bminf", "serve", "--model", model, "--version", f"{model}-demo", "--device", "cpu",
              "--port", str(self.port), "--max-batch", "8", *extra], cwd=ROOT, env=env, stdout=self.log,
-            stderr=subprocess.PIPE, text=True)
+            stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def wait_ready(self, timeout=90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError("server did not start")
+        raise RuntimeError(f"server did not start: {self.output()}")
 
     def health(self) -> dict:
         with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
