@@ -168,6 +168,20 @@ def test_chat_equals_dialogue(servers, models):
     assert r.object == "chat.completion"
 
 
+def test_max_tokens_zero_gives_empty_text(servers):
+    r = servers["cpm1"].client().completions.create(model="cpm1", prompt="北京", max_tokens=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "length", 0)
+
+
+def test_serve_command_checks_its_flags(capsys):
+    from bminf.cli import main
+
+    assert main(["serve", "--max-batch", "0", "--version", "cpm2-demo", "--device", "cpu"]) == 1
+    assert "--max-batch" in capsys.readouterr().err
+    assert main(["serve", "--model", "eva", "--version", "nonsense"]) == 1
+    assert "not one this model runs" in capsys.readouterr().err
+
+
 def test_stop_sequences_end_the_text_before_them(servers, models):
     client, m = servers["cpm1"].client(), models["cpm1"]
     full = client.completions.create(model="cpm1", prompt="北京", max_tokens=12, temperature=0).choices[0].text
@@ -256,6 +270,14 @@ def test_wrong_endpoint_unknown_route_bad_json_and_api_key(servers):
     assert code == 404 and reply["error"]["code"] == "not_found"
     code, reply = post(servers["cpm2"], "/v1/completions", None, raw=b"{not json")
     assert code == 400 and "JSON" in reply["error"]["message"]
+    conn = http.client.HTTPConnection("127.0.0.1", servers["cpm2"].port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")  # a body announced over 1 MiB is refused before it is read
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    conn.close()
     # the EVA server wants its key: none or a wrong one is 401, through the client too
     chat = dict(model="eva", messages=[{"role": "user", "content": "你好"}], max_tokens=2)
     assert post(servers["eva"], "/v1/chat/completions", chat)[0] == 401
