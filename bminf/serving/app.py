@@ -119,6 +119,12 @@ def create_app(model, engine: Engine, api_key: Optional[str] = None) -> FastAPI:
         return JSONResponse(error_body(message, code="not_found" if exc.status_code == 404 else None),
                             status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        _log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
+                            status_code=500)
+
     def authorize(request: Request) -> None:
         if api_key is None:
             return
@@ -174,7 +180,10 @@ def create_app(model, engine: Engine, api_key: Optional[str] = None) -> FastAPI:
         except APIError as exc:
             return _error(exc)
         except ShuttingDown as exc:
+            run.cancel()  # whatever was queued before the engine stopped
             return _error(_engine_error(exc))
+        except (ValueError, TypeError) as exc:  # a check of the model's own, not mapped to a field
+            return _error(APIError(400, str(exc)))
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))

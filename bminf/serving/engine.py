@@ -187,8 +187,14 @@ class Engine:
         if len(slots) == len(self._slots):
             return
         room = max(s.job.remaining for s in slots)
-        cache = batch.join(parts, room)
-        self._cache, self._logits, self._slots = cache, torch.cat(logits), slots
+        try:
+            cache, logits = batch.join(parts, room), torch.cat(logits)
+        except Exception as exc:  # noqa: BLE001 -- e.g. out of memory: the new jobs fail, the batch goes on
+            _log.exception("joining %d new jobs to the batch failed", len(slots) - len(self._slots))
+            for slot in slots[len(self._slots):]:
+                slot.job.sink("error", exc)
+            return
+        self._cache, self._logits, self._slots = cache, logits, slots
 
     def _sample(self) -> torch.Tensor:
         """One token per row, each group of rows with equal parameters sampled together."""
