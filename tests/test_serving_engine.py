@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import bminf
+
+pytest.importorskip("pydantic")  # bminf.serving.protocol's schemas (the `server` and `test` extras)
 from bminf.generation import SamplingParams
 from bminf.layers import CrossKVCache, KVCache
 from bminf.serving.engine import Engine, Job
@@ -98,15 +100,19 @@ def test_batched_rows_equal_rows_alone(cpm2):
     assert engine.steps < sum(c["max_tokens"] for c in CPM2_CASES) - len(CPM2_CASES)
 
 
-def test_rows_join_a_running_batch_mid_generation(cpm1):
-    """A job submitted from inside another's sink (on the engine thread) joins at the next step."""
-    engine = Engine(cpm1.backbone, max_batch=4).start()
+@pytest.mark.parametrize("kind", ["cpm1", "cpm2"])
+def test_rows_join_a_running_batch_mid_generation(request, kind):
+    """Jobs submitted from inside another's sink (on the engine thread) join at the next step: GPT rows
+    with shorter and longer prompts than the running one, T5 rows with shorter and longer sources."""
+    model = request.getfixturevalue(kind)
+    long_prompt = "今天天气很好，我们去公园吧，推荐一本书"
+    engine = Engine(model.backbone, max_batch=4).start()
     try:
-        first, = completion_tasks(cpm1, CompletionRequest(model="cpm1", prompt="天空是蔚蓝色，窗外有", max_tokens=12,
-                                                          temperature=0))
-        later = [completion_tasks(cpm1, CompletionRequest(model="cpm1", prompt=p, max_tokens=8, temperature=0.8,
-                                                          seed=s))[0]
-                 for p, s in (("北京", 0), ("今天天气很好，我们去公园吧", 1))]
+        first, = completion_tasks(model, CompletionRequest(model=kind, prompt="天空是蔚蓝色，窗外有", max_tokens=12,
+                                                           temperature=0))
+        later = [completion_tasks(model, CompletionRequest(model=kind, prompt=p, max_tokens=8, temperature=0.8,
+                                                           seed=s))[0]
+                 for p, s in (("北京", 0), (long_prompt, 1))]
         late = [Collector(t) for t in later]
         head = Collector(first)
         pieces = []
@@ -114,7 +120,8 @@ def test_rows_join_a_running_batch_mid_generation(cpm1):
         def sink(kind, value):
             head(kind, value)
             pieces.append(kind)
-            if len(pieces) == 3:  # the third token of the first job: the others arrive mid-run
+            # the third piece of the first job: the others arrive mid-run (at its end, should it end sooner)
+            if len(pieces) == 3 or (kind == "done" and len(pieces) < 3):
                 for c in late:
                     engine.submit(c.task.job)
         first.job.sink = sink
@@ -122,9 +129,10 @@ def test_rows_join_a_running_batch_mid_generation(cpm1):
         results = [head.result()] + [c.result() for c in late]
     finally:
         engine.stop()
-    assert results[0] == cpm1.generate("天空是蔚蓝色，窗外有", max_tokens=12, temperature=0)[0]
-    assert results[1] == cpm1.generate("北京", max_tokens=8, temperature=0.8, seed=0)[0]
-    assert results[2] == cpm1.generate("今天天气很好，我们去公园吧", max_tokens=8, temperature=0.8, seed=1)[0]
+    assert results[0] == model.generate("天空是蔚蓝色，窗外有", max_tokens=12, temperature=0)[0]
+    assert results[1] == model.generate("北京", max_tokens=8, temperature=0.8, seed=0)[0]
+    assert results[2] == model.generate(long_prompt, max_tokens=8, temperature=0.8, seed=1)[0]
+    assert pieces[:3] == ["output"] * 3, "the first job must have produced text for the others to join mid-run"
 
 
 def test_max_batch_bounds_the_batch_and_queued_jobs_still_run(eva):
