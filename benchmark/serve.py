@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "北京环球影城指定单日门票将采用<span>制度，即推出淡季日、平季日、旺季日和特定日门票。第{i}位游客说"
@@ -41,12 +42,13 @@ def free_port() -> int:
 class Server:
     """A ``python -m bminf serve`` process; its log goes to ``log_path``."""
 
-    def __init__(self, version: str, device: str, limit, max_batch: int, log_path: str):
+    def __init__(self, version: str, device: str, limit, max_batch: int, log_path: str,
+                 dynamic_memory: Optional[str] = None):
         self.port, self.log_path = free_port(), log_path
         cmd = [sys.executable, "-m", "bminf", "serve", "--model", "cpm2", "--version", version, "--device", device,
                "--port", str(self.port), "--max-batch", str(max_batch)]
         if limit is not None:
-            cmd += ["--memory-limit", limit]
+            cmd += ["--memory-limit", limit] + (["--dynamic-memory", dynamic_memory] if dynamic_memory else [])
         self.log = open(log_path, "w")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -171,7 +173,7 @@ def batch_consistency(server: Server, n: int, max_tokens: int) -> bool:
 def bench_setting(version: str, device: str, limit, args, workdir: str) -> list:
     name = "resident" if limit is None else f"budget {limit}"
     log = os.path.join(workdir, f"server-{'resident' if limit is None else limit}.log")
-    server = Server(version, device, limit, max(args.clients), log)
+    server = Server(version, device, limit, max(args.clients), log, args.dynamic_memory)
     rows = []
     try:
         ready = server.wait_ready(args.start_timeout)
@@ -238,6 +240,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1, help="completions each client sends, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--dynamic-memory", help="the server's --dynamic-memory under a budget (default: its own)")
     parser.add_argument("--no-check-equal", dest="check_equal", action="store_false",
                         help="skip comparing a greedy request alone and in a full batch")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the server")

@@ -66,7 +66,8 @@ def _load(args: argparse.Namespace, key: str):
         if note:
             print(f"bminf: {note}", file=sys.stderr)
     cls = getattr(bminf.models, _MODEL_CLASSES[key])
-    return cls(version=version, device=args.device, dtype=args.dtype, memory_limit=args.memory_limit)
+    extra = {"dynamic_memory": args.dynamic_memory} if getattr(args, "dynamic_memory", None) else {}
+    return cls(version=version, device=args.device, dtype=args.dtype, memory_limit=args.memory_limit, **extra)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -313,6 +314,8 @@ COMMANDS: Dict[str, Command] = {
         arg("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes"),
         arg("--drain-timeout", type=float, default=30.0,
             help="on SIGINT/SIGTERM, seconds to let requests in flight finish before cancelling them"),
+        arg("--dynamic-memory", help="with --memory-limit: the part of it kept for activations and the KV caches "
+                                     "of every request in flight (default 512MiB; it grows when a batch needs more)"),
     ) + _MODEL_ARGS[:4]),
     "download": Command(cmd_download, "Download a released model version into the cache", (
         arg("versions", nargs="+", metavar="VERSION", help="a released version (bminf list shows them)"),
