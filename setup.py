@@ -24,8 +24,10 @@ setup(
         "filelock>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "triton; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "triton; platform_system == 'Linux'",
+                 "fastapi>=0.100", "uvicorn>=0.23", "openai>=1.0"],
         "gpu": ["triton"],
+        "server": ["fastapi>=0.100", "uvicorn>=0.23"],
     },
     entry_points={"console_scripts": ["bminf=bminf.cli:main"]},
 )

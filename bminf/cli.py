@@ -3,6 +3,7 @@
     bminf generate "天空是蔚蓝色，窗外有"    # CPM-1 continues a text (--model cpm2 for CPM-2)
     bminf fill-blank "今天<span>很好"       # CPM-2 fills the blanks
     bminf chat                           # talk with EVA (/reset, /quit)
+    bminf serve --model cpm2             # serve a model with the OpenAI HTTP API (pip install bminf[server])
     bminf download cpm2.1-new            # fetch a released version into the cache
     bminf list                           # versions, cached files and sizes
     bminf convert SRC DST [--to hf]      # rewrite a checkpoint in another format
@@ -74,7 +75,9 @@ def _load(args: argparse.Namespace, key: str):
     import bminf
 
     cls = getattr(bminf.models, _MODEL_CLASSES[key])
-    return cls.available(args.version, device=args.device, dtype=args.dtype, memory_limit=args.memory_limit)
+    extra = {"dynamic_memory": args.dynamic_memory} if getattr(args, "dynamic_memory", None) else {}
+    return cls.available(args.version, device=args.device, dtype=args.dtype, memory_limit=args.memory_limit,
+                         **extra)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -188,6 +191,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from bminf.serving.app import serve
+    except ImportError as exc:
+        return _error("serve", ImportError(f"{exc}; the server needs: pip install 'bminf[server]'"))
+    if args.max_batch < 1:
+        return _error("serve", ValueError(f"--max-batch must be >= 1, got {args.max_batch}"))
+    import logging
+
+    # a server's log says where the blocks went and when a budget's reserve grows (uvicorn logs the rest)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logging.getLogger("bminf").addHandler(handler)
+    logging.getLogger("bminf").setLevel(logging.INFO)
+    try:
+        model = _load(args, args.model)
+    except (ValueError, TypeError, OSError) as exc:
+        return _error("serve", exc)
+    try:
+        serve(model, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
+              drain_timeout=args.drain_timeout)
+    except KeyboardInterrupt:  # Ctrl-C: the server has drained and stopped; no traceback
+        return 130
+    return 0
+
+
 # ---------------------------------------------------------------- hub: download, list
 
 
@@ -288,6 +317,17 @@ COMMANDS: Dict[str, Command] = {
     ) + _MODEL_ARGS),
     "chat": Command(cmd_chat, "Talk with EVA, one utterance per line (/reset starts over, /quit leaves)",
                     _MODEL_ARGS),
+    "serve": Command(cmd_serve, "Serve a model over HTTP with the OpenAI API (completions: cpm1, cpm2; chat: eva)", (
+        arg("--model", choices=("cpm1", "cpm2", "eva"), default="cpm2", help="which model (default cpm2)"),
+        arg("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"),
+        arg("--port", type=int, default=8000, help="port (default 8000)"),
+        arg("--max-batch", type=int, default=16, help="most requests decoded together (default 16)"),
+        arg("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes"),
+        arg("--drain-timeout", type=float, default=30.0,
+            help="on SIGINT/SIGTERM, seconds to let requests in flight finish before cancelling them"),
+        arg("--dynamic-memory", help="with --memory-limit: the part of it kept for activations and the KV caches "
+                                     "of every request in flight (default 512MiB; it grows when a batch needs more)"),
+    ) + _MODEL_ARGS[:4]),
     "download": Command(cmd_download, "Download a released model version into the cache", (
         arg("versions", nargs="+", metavar="VERSION", help="a released version (bminf list shows them)"),
         arg("--source", help="mirror base URL (default: $BMINF_SOURCE, else the BMInf server)"),

@@ -1,6 +1,6 @@
 """Preallocated key/value caches. They are run state owned by the decode loop, never module buffers,
 so offloading moves weights without touching them."""
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -82,6 +82,49 @@ class KVCache:
         self.key_mask.zero_()
         self.n_valid.zero_()
 
+    def used_columns(self, rows: Sequence[int]) -> int:
+        """How many columns, counted back from ``length``, hold a real token of one of ``rows``."""
+        if self.length == 0 or not len(rows):
+            return 0
+        used = self.key_mask[list(rows), :self.length].any(0)  # (length,)
+        return self.length - int(used.int().argmax()) if bool(used.any()) else 0
+
+    @classmethod
+    def gather(cls, parts: Sequence[Tuple["KVCache", Sequence[int]]], room: int) -> "KVCache":
+        """A new cache holding, in order, rows ``rows`` of each ``(cache, rows)`` in ``parts``, with
+        ``room`` free columns for the steps to come: how a running batch takes in new rows and lets
+        finished ones go (continuous batching).
+
+        Each row's keys keep their order and end at the shared write column; columns that no kept row
+        uses are dropped. Padding columns are masked and positions count real tokens (``n_valid``), so
+        every row attends to exactly what it attended to before.
+
+        >>> a = KVCache(n_layers=1, batch_size=2, n_heads=1, max_length=8, d_head=4)
+        >>> KVCache.gather([(a, [1]), (a, [0])], room=4).batch_size
+        2
+        """
+        first = next(c for c, _ in parts)
+        width = max(c.used_columns(rows) for c, rows in parts)
+        batch = sum(len(rows) for _, rows in parts)
+        _, n_heads, _, d_head = first.k[0].shape
+        out = cls(len(first.k), batch, n_heads, width + room, d_head, first.k[0].dtype,
+                  [k.device for k in first.k], first.key_mask.device)
+        row = 0
+        for cache, rows in parts:
+            if not len(rows):
+                continue
+            used, index = cache.used_columns(rows), list(rows)
+            take, put = slice(cache.length - used, cache.length), slice(width - used, width)
+            span = slice(row, row + len(index))
+            for layer in range(len(out.k)):
+                out.k[layer][span, :, put] = cache.k[layer][index, :, take]
+                out.v[layer][span, :, put] = cache.v[layer][index, :, take]
+            out.key_mask[span, put] = cache.key_mask[index, take]
+            out.n_valid[span] = cache.n_valid[index]
+            row += len(index)
+        out.length = width
+        return out
+
 
 class CrossKVCache:
     """Cross-attention keys/values over the encoder output: computed once per prompt, then reused."""
@@ -100,6 +143,33 @@ class CrossKVCache:
     def reset(self) -> None:
         """Forget the stored keys/values: the next step computes them from a new encoder output."""
         self.filled = [False] * len(self.filled)
+
+    @classmethod
+    def gather(cls, parts: Sequence[Tuple["CrossKVCache", Sequence[int]]]) -> "CrossKVCache":
+        """A new, filled cache holding, in order, rows ``rows`` of each filled ``(cache, rows)``; shorter
+        sources are padded at the end (the caller pads the encoder mask the same way).
+
+        >>> a = CrossKVCache(n_layers=1, batch_size=2, n_heads=1, source_length=3, d_head=4)
+        >>> a.filled = [True]
+        >>> CrossKVCache.gather([(a, [0]), (a, [1, 0])]).k[0].shape
+        torch.Size([3, 1, 3, 4])
+        """
+        first = next(c for c, _ in parts)
+        if not all(all(c.filled) for c, _ in parts):
+            raise ValueError("only filled cross-attention caches can be gathered (run a decode step first)")
+        source = max(c.k[0].shape[2] for c, _ in parts)
+        batch = sum(len(rows) for _, rows in parts)
+        _, n_heads, _, d_head = first.k[0].shape
+        out = cls(len(first.k), batch, n_heads, source, d_head, first.k[0].dtype, [k.device for k in first.k])
+        row = 0
+        for cache, rows in parts:
+            index, n = list(rows), cache.k[0].shape[2]
+            for layer in range(len(out.k)):
+                out.k[layer][row:row + len(index), :, :n] = cache.k[layer][index]
+                out.v[layer][row:row + len(index), :, :n] = cache.v[layer][index]
+            row += len(index)
+        out.filled = [True] * len(out.k)
+        return out
 
 
 class CrossLayerKV:

@@ -1,0 +1,76 @@
+"""The rows a server decodes together, as caches a backbone can step: prefill new rows, let them join,
+let finished rows leave. The engine decides which rows; this module only moves their caches.
+
+A batch of rows is a cache plus the logits of each row's next token. New rows are prefilled together
+in their own small cache (``prefill``), then ``join`` gathers the running rows and the new ones into
+one cache whose write column is shared; padding columns are masked and positions count real tokens,
+so each row attends to what it would alone.
+
+>>> state = prefill(backbone, [[5, 6, 7]], prefixes=None)         # doctest: +SKIP  (a GPT backbone)
+>>> state = join([(state, [0])], room=16)                          # doctest: +SKIP
+>>> logits = step(backbone, state, torch.tensor([8]))               # doctest: +SKIP
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..generation import pad_rows
+from ..layers import CrossKVCache, KVCache
+
+__all__ = ["home_device", "prefill", "join", "step"]
+
+
+def home_device(backbone: torch.nn.Module) -> torch.device:
+    """Where the embeddings live: inputs go there, and the blocks move activations as they need."""
+    emb = getattr(backbone, "token_embedding", None) or getattr(backbone, "input_embedding")
+    return emb.weight.device
+
+
+def _is_t5(backbone) -> bool:
+    return hasattr(backbone, "encode")
+
+
+def prefill(backbone, sources: Sequence[Sequence[int]], prefixes: Optional[Sequence[Sequence[int]]]):
+    """Run the prompts of new rows together; returns ``(cache, logits)``, logits (rows, vocab) of each
+    row's first new token.
+
+    GPT: ``sources`` are the prompts, left-padded so each row's last token lands in the last column.
+    T5: ``sources`` are encoded (right-padded, masked) and ``prefixes`` (one per row, all the same
+    length) start the decoder, as ``T5Runner`` does for one shared prefix.
+    """
+    device = home_device(backbone)
+    if not _is_t5(backbone):
+        ids, mask = pad_rows(sources, left=True, device=device)
+        cache = backbone.new_cache(len(sources), ids.shape[1])
+        return cache, backbone(ids, attention_mask=mask, cache=cache)[:, -1]
+    ids, mask = pad_rows(sources, left=False, device=device)
+    prefix = torch.as_tensor([list(p) for p in prefixes], dtype=torch.long, device=device)
+    cache = backbone.new_cache(mask, max_length=prefix.shape[1])
+    encoded = backbone.encode(ids, mask)
+    return cache, backbone.decode(prefix, encoded, cache=cache)[:, -1]
+
+
+def join(parts: Sequence[Tuple[object, Sequence[int]]], room: int):
+    """One cache holding, in order, the rows ``rows`` of each ``(cache, rows)`` in ``parts`` (GPT's
+    ``KVCache`` or T5's ``T5Cache``), with ``room`` free decoder columns."""
+    caches = [c for c, _ in parts]
+    if isinstance(caches[0], KVCache):
+        return KVCache.gather(parts, room)
+    from ..models.t5 import T5Cache
+
+    self_kv = KVCache.gather([(c.self_kv, rows) for c, rows in parts], room)
+    cross = CrossKVCache.gather([(c.cross, rows) for c, rows in parts])
+    source = cross.k[0].shape[2]
+    masks: List[torch.Tensor] = []
+    for cache, rows in parts:
+        m = cache.encoder_mask[list(rows)]
+        masks.append(torch.nn.functional.pad(m, (0, source - m.shape[1]), value=False))
+    return T5Cache(self_kv, cross, torch.cat(masks))
+
+
+def step(backbone, cache, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row (rows,); returns the next logits (rows, vocab)."""
+    tokens = tokens.to(home_device(backbone))[:, None]
+    if _is_t5(backbone):
+        return backbone.decode(tokens, cache=cache)[:, -1]
+    return backbone(tokens, cache=cache)[:, -1]

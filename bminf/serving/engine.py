@@ -1,0 +1,252 @@
+"""The batching engine: one model, one decode loop on one worker thread, requests joining and leaving
+the running batch between steps (continuous batching). No HTTP here.
+
+Each request is a ``Job``: its prompt ids, a row (``TextRow`` or ``BlankRow``: its stop rules and
+text), its sampling parameters and a ``sink`` that receives what happens to it, from the worker
+thread. Every step the engine samples one token for each row with the row's own parameters and
+generator, pushes it to the row, drops rows that finished or were cancelled, steps the model once for
+the rest, and then prefills the jobs that arrived and joins them to the batch. A row's tokens are
+those it gets alone: its cache holds exactly its own keys, positions count its real tokens, and its
+generator is seeded from its own seed.
+
+>>> engine = Engine(cpm2.backbone, max_batch=16).start()              # doctest: +SKIP
+>>> engine.submit(Job(source, prefix, row, params, vocab_size, sink=print))  # doctest: +SKIP
+"""
+import logging
+import queue
+import random
+import threading
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..generation import SamplingParams, count_ids, sample
+from . import batch
+
+__all__ = ["Job", "Engine", "ShuttingDown"]
+
+_log = logging.getLogger("bminf.serving")
+
+
+class ShuttingDown(RuntimeError):
+    """The engine stopped before the job finished."""
+
+
+class Job:
+    """One sequence to generate. ``sink(kind, value)`` is called from the worker thread with
+    ``("output", what row.push returned)``, then once ``("done", None)`` or ``("error", exception)``.
+    ``cancel()`` (any thread) frees the job's slot at the next step, with no further call to ``sink``.
+
+    ``source``: the prompt (GPT) or encoder input (T5) ids; ``prefix``: the T5 decoder's start ids
+    (None for GPT). ``no_penalty`` ids are never counted for the penalties; ``filtered`` ids are never
+    sampled -- both as the model's task methods pass them to ``decode``.
+    """
+
+    def __init__(self, source: Sequence[int], prefix: Optional[Sequence[int]], row, params: SamplingParams,
+                 vocab_size: int, sink: Callable[[str, object], None], no_penalty: Sequence[int] = (),
+                 filtered: Sequence[int] = ()):
+        self.source, self.prefix, self.row, self.params = list(source), prefix, row, params
+        self.vocab_size, self.sink = vocab_size, sink
+        self.no_penalty, self.filtered = list(no_penalty), list(filtered)
+        self.produced = 0          # tokens sampled for this job
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - self.produced
+
+
+class _Slot:
+    """A job's run state in the batch: generator, penalty counts, and the ids it may never take."""
+
+    def __init__(self, job: Job, device: torch.device):
+        self.job = job
+        params, vocab = job.params, job.vocab_size
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+            self.generator.manual_seed(seed)
+        penalized = params.frequency_penalty != 0 or params.presence_penalty != 0
+        self.counts = count_ids([job.source], vocab, job.no_penalty, device) if penalized else None
+        self.exempt = set(job.no_penalty)
+        self.ban = torch.zeros(vocab, dtype=torch.bool)
+        self.ban[job.filtered] = True
+        p = params
+        self.key = (p.temperature, p.top_n, p.top_p, p.frequency_penalty, p.presence_penalty)
+
+
+class Engine:
+    """Owns ``backbone`` (a GPT or T5 from a model class) and decodes up to ``max_batch`` jobs at once
+    on one worker thread. ``start()`` starts it, ``stop()`` ends it: jobs still waiting or running get
+    ``("error", ShuttingDown)``."""
+
+    def __init__(self, backbone: torch.nn.Module, max_batch: int = 16):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.backbone, self.max_batch = backbone, max_batch
+        self.device = batch.home_device(backbone)
+        self._inbox: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._slots: List[_Slot] = []
+        self._cache = None
+        self._logits: Optional[torch.Tensor] = None  # (rows, vocab): each row's next-token logits
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bminf-engine", daemon=True)
+        self.steps = 0              # decode steps run (for /health and the benchmark)
+
+    # -- any thread -------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; it joins the running batch at the next step that has a free slot."""
+        if self._stopping.is_set():
+            raise ShuttingDown("the server is shutting down")
+        self._inbox.put(job)
+
+    def stats(self) -> Dict[str, object]:
+        out = {"running": len(self._slots), "waiting": self._inbox.qsize(), "max_batch": self.max_batch,
+               "steps": self.steps}
+        if self.device.type == "cuda":  # what a memory budget is checked against
+            out["gpu_allocated_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
+            out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return out
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        self._stopping.set()
+        self._inbox.put(None)  # wakes an idle worker
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the worker thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self._admit(self._take_new())
+                    if self._slots:
+                        self._step()
+                except Exception as exc:  # noqa: BLE001 -- a failed step fails its jobs, never the server
+                    _log.exception("decode step failed; failing the %d running jobs", len(self._slots))
+                    self._fail_all(exc)
+        self._fail_all(ShuttingDown("the server shut down before this request finished"))
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.sink("error", ShuttingDown("the server shut down before this request started"))
+
+    def _take_new(self) -> List[Job]:
+        """Jobs that fit in the free slots; waits (briefly, to notice ``stop``) when nothing runs."""
+        new: List[Job] = []
+        free = self.max_batch - len(self._slots)
+        while len(new) < free:
+            try:
+                job = self._inbox.get(timeout=0.2) if not self._slots and not new else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                break
+            if job.cancelled:
+                continue
+            if job.row.done:  # max_tokens == 0: nothing to generate
+                job.sink("done", None)
+                continue
+            new.append(job)
+        return new
+
+    def _admit(self, new: List[Job]) -> None:
+        if not new:
+            return
+        # T5 prefixes of one prefill must have one length (CPM-2's tasks and EVA's each have one)
+        groups: Dict[int, List[Job]] = {}
+        for job in new:
+            groups.setdefault(len(job.prefix or ()), []).append(job)
+        parts, logits, slots = [], [], list(self._slots)
+        if self._slots:
+            parts.append((self._cache, range(len(self._slots))))
+            logits.append(self._logits)
+        for jobs in groups.values():
+            prefixes = [j.prefix for j in jobs] if jobs[0].prefix is not None else None
+            try:
+                cache, first = batch.prefill(self.backbone, [j.source for j in jobs], prefixes)
+            except Exception as exc:  # noqa: BLE001 -- these jobs fail; the running batch is untouched
+                _log.exception("prefill of %d new jobs failed", len(jobs))
+                for job in jobs:
+                    job.sink("error", exc)
+                continue
+            parts.append((cache, range(len(jobs))))
+            logits.append(first)
+            slots += [_Slot(j, first.device) for j in jobs]
+        if len(slots) == len(self._slots):
+            return
+        room = max(s.job.remaining for s in slots)
+        try:
+            cache, logits = batch.join(parts, room), torch.cat(logits)
+        except Exception as exc:  # noqa: BLE001 -- e.g. out of memory: the new jobs fail, the batch goes on
+            _log.exception("joining %d new jobs to the batch failed", len(slots) - len(self._slots))
+            for slot in slots[len(self._slots):]:
+                slot.job.sink("error", exc)
+            return
+        self._cache, self._logits, self._slots = cache, logits, slots
+
+    def _sample(self) -> torch.Tensor:
+        """One token per row, each group of rows with equal parameters sampled together."""
+        logits = self._logits
+        ban = torch.stack([s.ban for s in self._slots])
+        for i, s in enumerate(self._slots):
+            extra = s.job.row.banned()
+            if extra:
+                ban[i, list(extra)] = True
+        ban = ban.to(logits.device)
+        tokens = torch.empty(len(self._slots), dtype=torch.long, device=logits.device)
+        groups: Dict[tuple, List[int]] = {}
+        for i, s in enumerate(self._slots):
+            groups.setdefault(s.key, []).append(i)
+        for rows in groups.values():
+            slots = [self._slots[i] for i in rows]
+            params = slots[0].job.params
+            index = torch.as_tensor(rows, device=logits.device)
+            counts = torch.cat([s.counts for s in slots]) if slots[0].counts is not None else None
+            gens = None if params.greedy else [s.generator for s in slots]
+            tokens[index] = sample(logits[index], params, counts, ban[index], gens)
+        return tokens
+
+    def _step(self) -> None:
+        tokens = self._sample()
+        keep = []
+        for i, (slot, token) in enumerate(zip(self._slots, tokens.tolist())):
+            job = slot.job
+            if job.cancelled:
+                continue
+            job.produced += 1
+            out = job.row.push(token)
+            if out:
+                job.sink("output", out)
+            if slot.counts is not None and token not in slot.exempt:
+                slot.counts[0, token] += 1
+            if job.row.done or job.produced >= job.params.max_tokens:
+                job.sink("done", None)
+            elif not job.cancelled:
+                keep.append(i)
+        if len(keep) < len(self._slots):
+            self._slots = [self._slots[i] for i in keep]
+            if not keep:
+                self._cache = self._logits = None
+                return
+            self._cache = batch.join([(self._cache, keep)], room=max(s.job.remaining for s in self._slots))
+            tokens = tokens[torch.as_tensor(keep, device=tokens.device)]
+        self._logits = batch.step(self.backbone, self._cache, tokens)
+        self.steps += 1
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for slot in self._slots:
+            if not slot.job.cancelled:
+                slot.job.sink("error", exc)
+        self._slots, self._cache, self._logits = [], None, None

@@ -1,0 +1,221 @@
+"""The batching engine without HTTP: rows that join a running batch, leave it or are cancelled get
+exactly the tokens they get alone from the model classes."""
+import queue
+import threading
+
+import pytest
+import torch
+
+import bminf
+
+pytest.importorskip("pydantic")  # bminf.serving.protocol's schemas (the `server` and `test` extras)
+from bminf.generation import SamplingParams
+from bminf.layers import CrossKVCache, KVCache
+from bminf.serving.engine import Engine, Job
+from bminf.serving.protocol import ChatRequest, CompletionRequest
+from bminf.serving.tasks import FilledText, chat_tasks, completion_tasks
+
+
+@pytest.fixture(scope="module")
+def cpm1():
+    return bminf.models.CPM1(version="cpm1-demo", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cpm2():
+    return bminf.models.CPM2(version="cpm2-demo", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def eva():
+    return bminf.models.EVA(version="eva-demo", device="cpu")
+
+
+class Collector:
+    """A job's sink: text pieces and the end, delivered from the engine thread."""
+
+    def __init__(self, task):
+        self.task, self.text, self.done, self.error = task, "", threading.Event(), None
+        task.job.sink = self
+
+    def __call__(self, kind, value):
+        if kind == "output":
+            self.text += self.task.render(value)
+        elif kind == "done":
+            self.text += self.task.tail()
+            self.done.set()
+        else:
+            self.error = value
+            self.done.set()
+
+    def result(self) -> str:
+        assert self.done.wait(60), "the engine never finished this job"
+        assert self.error is None, self.error
+        return self.text
+
+
+def run_all(model, requests, max_batch=16, make=completion_tasks, before_start=True):
+    engine = Engine(model.backbone, max_batch=max_batch)
+    collectors = [Collector(t) for req in requests for t in make(model, req)]
+    if not before_start:
+        engine.start()
+    for c in collectors:
+        engine.submit(c.task.job)
+    if before_start:
+        engine.start()
+    try:
+        return [c.result() for c in collectors], engine
+    finally:
+        engine.stop()
+
+
+def filled(prompt, blanks):
+    f = FilledText(prompt, [b["position"] for b in blanks])
+    return "".join(f.piece((k, b["text"])) for k, b in enumerate(blanks)) + f.tail(len(blanks))
+
+
+CPM2_CASES = [
+    dict(prompt="天空是蔚蓝色，窗外有", max_tokens=7, temperature=0),
+    dict(prompt="今天天气<span>，我们去<span>吧", max_tokens=9, temperature=0),
+    dict(prompt="北京环球影城", max_tokens=5, temperature=0.9, seed=3, top_p=0.9),
+    dict(prompt="我们去<span>", max_tokens=6, temperature=1.2, seed=5, top_k=20, frequency_penalty=0.5),
+    dict(prompt="门票", max_tokens=3, temperature=0.7, seed=1, presence_penalty=1.0, stop=["的"]),
+]
+
+
+def alone_cpm2(model, case):
+    kw = dict(max_tokens=case["max_tokens"], temperature=case["temperature"], seed=case.get("seed"),
+              top_p=case.get("top_p"), top_n=case.get("top_k"),
+              frequency_penalty=case.get("frequency_penalty", 0), presence_penalty=case.get("presence_penalty", 0))
+    if "<span>" in case["prompt"]:
+        return filled(case["prompt"], model.fill_blank(case["prompt"], **kw))
+    return model.generate(case["prompt"], stop_tokens=case.get("stop"), **kw)[0]
+
+
+def test_batched_rows_equal_rows_alone(cpm2):
+    requests = [CompletionRequest(model="cpm2", **case) for case in CPM2_CASES]
+    got, engine = run_all(cpm2, requests)
+    assert got == [alone_cpm2(cpm2, case) for case in CPM2_CASES]
+    # they ran as one batch: fewer steps than one after another
+    assert engine.steps < sum(c["max_tokens"] for c in CPM2_CASES) - len(CPM2_CASES)
+
+
+@pytest.mark.parametrize("kind", ["cpm1", "cpm2"])
+def test_rows_join_a_running_batch_mid_generation(request, kind):
+    """Jobs submitted from inside another's sink (on the engine thread) join at the next step: GPT rows
+    with shorter and longer prompts than the running one, T5 rows with shorter and longer sources."""
+    model = request.getfixturevalue(kind)
+    long_prompt = "今天天气很好，我们去公园吧，推荐一本书"
+    engine = Engine(model.backbone, max_batch=4).start()
+    try:
+        first, = completion_tasks(model, CompletionRequest(model=kind, prompt="天空是蔚蓝色，窗外有", max_tokens=12,
+                                                           temperature=0))
+        later = [completion_tasks(model, CompletionRequest(model=kind, prompt=p, max_tokens=8, temperature=0.8,
+                                                           seed=s))[0]
+                 for p, s in (("北京", 0), (long_prompt, 1))]
+        late = [Collector(t) for t in later]
+        head = Collector(first)
+        pieces = []
+
+        def sink(kind, value):
+            head(kind, value)
+            pieces.append(kind)
+            # the third piece of the first job: the others arrive mid-run (at its end, should it end sooner)
+            if len(pieces) == 3 or (kind == "done" and len(pieces) < 3):
+                for c in late:
+                    engine.submit(c.task.job)
+        first.job.sink = sink
+        engine.submit(first.job)
+        results = [head.result()] + [c.result() for c in late]
+    finally:
+        engine.stop()
+    assert results[0] == model.generate("天空是蔚蓝色，窗外有", max_tokens=12, temperature=0)[0]
+    assert results[1] == model.generate("北京", max_tokens=8, temperature=0.8, seed=0)[0]
+    assert results[2] == model.generate(long_prompt, max_tokens=8, temperature=0.8, seed=1)[0]
+    assert pieces[:3] == ["output"] * 3, "the first job must have produced text for the others to join mid-run"
+
+
+def test_max_batch_bounds_the_batch_and_queued_jobs_still_run(eva):
+    contexts = [["你好"], ["推荐一本书"], ["你好", "今天天气很好"], ["我们去公园吧"], ["什么"]]
+    requests = [ChatRequest(model="eva", messages=[{"role": "user", "content": c} for c in ctx], max_tokens=5,
+                            seed=i) for i, ctx in enumerate(contexts)]
+    got, _ = run_all(eva, requests, max_batch=2, make=chat_tasks)
+    assert got == [eva.dialogue(ctx, max_tokens=5, seed=i)[0] for i, ctx in enumerate(contexts)]
+
+
+def test_cancelled_job_leaves_at_once_and_others_continue(cpm1):
+    engine = Engine(cpm1.backbone, max_batch=4)
+
+    class Endless:  # a row that only max_tokens ends, whatever the weights say
+        done = stopped = False
+
+        def __init__(self):
+            self.n = 0
+
+        def banned(self):
+            return None
+
+        def push(self, token):
+            self.n += 1
+            self.done = self.n >= 200
+            return str(token)
+
+    outputs = queue.Queue()
+    job = Job(cpm1.tokenizer.encode("北京"), None, Endless(), SamplingParams(max_tokens=200, temperature=0),
+              cpm1.tokenizer.vocab_size, sink=lambda kind, value: (outputs.put(kind), kind == "output" and
+                                                                   outputs.qsize() == 3 and job.cancel()))
+    other, = completion_tasks(cpm1, CompletionRequest(model="cpm1", prompt="今天", max_tokens=6, temperature=0))
+    collector = Collector(other)
+    engine.submit(job)
+    engine.submit(other.job)
+    engine.start()
+    try:
+        assert collector.result() == cpm1.generate("今天", max_tokens=6, temperature=0)[0]
+        assert job.produced == 3  # cancelled in its third sink call: no fourth token
+        assert engine.stats()["running"] == 0
+    finally:
+        engine.stop()
+    assert list(outputs.queue) == ["output"] * 3  # no "done" for a cancelled job
+
+
+def test_failed_prefill_fails_only_its_jobs(cpm1):
+    engine = Engine(cpm1.backbone).start()
+    try:
+        bad = Collector(completion_tasks(cpm1, CompletionRequest(model="cpm1", prompt="北京", max_tokens=3))[0])
+        bad.task.job.source = [10**6]  # an id outside the vocabulary: the backbone refuses it
+        engine.submit(bad.task.job)
+        assert bad.done.wait(30) and isinstance(bad.error, ValueError)
+        good = Collector(completion_tasks(cpm1, CompletionRequest(model="cpm1", prompt="北京", max_tokens=3,
+                                                                  temperature=0))[0])
+        engine.submit(good.task.job)
+        assert good.result() == cpm1.generate("北京", max_tokens=3, temperature=0)[0]
+    finally:
+        engine.stop()
+
+
+def test_stop_fails_waiting_jobs_with_shutting_down(cpm1):
+    engine = Engine(cpm1.backbone)
+    c = Collector(completion_tasks(cpm1, CompletionRequest(model="cpm1", prompt="北京", max_tokens=3))[0])
+    engine.submit(c.task.job)
+    engine.stop()  # never started: the job is still queued
+    engine._loop()  # the worker's exit path, run here: it fails what is left
+    assert c.done.is_set() and "shut down" in str(c.error)
+
+
+def test_kv_gather_keeps_each_rows_keys_right_aligned():
+    a = KVCache(n_layers=1, batch_size=2, n_heads=1, max_length=6, d_head=2)
+    b = KVCache(n_layers=1, batch_size=1, n_heads=1, max_length=3, d_head=2)
+    a.k[0][:, :, :4] = torch.arange(1, 9, dtype=torch.float32).view(2, 1, 4, 1)
+    a.key_mask[0, 2:4] = True      # row 0: two real tokens (left padding)
+    a.key_mask[1, :4] = True       # row 1: four
+    a.length, a.n_valid = 4, torch.tensor([2, 4])
+    b.k[0][:, :, :2] = 9.0
+    b.key_mask[0, :2] = True
+    b.length, b.n_valid = 2, torch.tensor([2])
+    out = KVCache.gather([(a, [0]), (b, [0])], room=3)
+    assert (out.length, out.max_length, out.n_valid.tolist()) == (2, 5, [2, 2])  # row 1's columns dropped
+    assert out.k[0][:, 0, :2, 0].tolist() == [[3.0, 4.0], [9.0, 9.0]]
+    assert out.key_mask[:, :2].all() and not out.key_mask[:, 2:].any()
+    cross = CrossKVCache(n_layers=1, batch_size=1, n_heads=1, source_length=2, d_head=2)
+    with pytest.raises(ValueError, match="filled"):
+        CrossKVCache.gather([(cross, [0])])
