@@ -118,7 +118,7 @@ def peak(device: torch.device) -> int:
 
 
 # -- models -----------------------------------------------------------------------------------------
-def _fill_(model: nn.Module, gen_device: torch.device, home: torch.device, dtype: torch.dtype) -> nn.Module:
+def fill_random_(model: nn.Module, gen_device: torch.device, home: torch.device, dtype: torch.dtype) -> nn.Module:
     """Random weights, generated on ``gen_device`` (fast) and stored on ``home``: int8 uniform with
     scales that give rows of std ~1/sqrt(d_in), float N(0, 1/sqrt(d_in)) matrices, unit norm gains."""
     g = torch.Generator(device=gen_device).manual_seed(0)
@@ -144,7 +144,7 @@ def build_ours(preset: str, tiny: bool, device: torch.device, home: Optional[tor
     kind, cfg = config(preset, tiny)
     with torch.device("meta"):
         model = quantize_(GPT(cfg) if kind == "gpt" else T5(cfg))
-    return _fill_(model, device, home or device, torch.float16 if device.type == "cuda" else torch.float32)
+    return fill_random_(model, device, home or device, torch.float16 if device.type == "cuda" else torch.float32)
 
 
 def build_hf(preset: str, tiny: bool, device: torch.device, home: Optional[torch.device] = None) -> nn.Module:

@@ -18,11 +18,10 @@ import torch
 
 import bminf
 from bminf.checkpoint import save_model
-from bminf.checkpoint.common import preset_config, build_model
 from bminf.demo import path as demo_path
 from bminf.units import parse_size
 from bminf.generation import loop
-from offload import materialize_
+from common import build_ours
 
 _steps = [0]
 _sample = loop.sample
@@ -54,10 +53,10 @@ def write_vocab(kind: str, size: int, path: str) -> None:
 
 
 def make_checkpoint(kind: str, directory: str, device: torch.device) -> int:
-    arch, cfg = preset_config(kind)
-    model = materialize_(build_model(arch, cfg, quantize=True), torch.float16, device)
+    # random int8 weights generated on ``device`` (fast on a GPU), kept in host memory for saving
+    model = build_ours(kind, tiny=False, device=device, home=torch.device("cpu"))
     path = save_model(model, directory, format="bminf")
-    write_vocab(kind, cfg.vocab_size, os.path.join(directory, "vocab.txt"))
+    write_vocab(kind, model.config.vocab_size, os.path.join(directory, "vocab.txt"))
     del model
     gc.collect()
     return os.path.getsize(path)
@@ -79,7 +78,7 @@ def run(kind: str, root: str, device: torch.device, limit, tokens: int) -> dict:
     torch.cuda.synchronize(device)
     _steps[0] = 0
     start = time.perf_counter()
-    result = TASKS[kind](model, tokens)
+    TASKS[kind](model, tokens)
     torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device)

@@ -17,7 +17,6 @@ stdout and, as JSON, to ``--out``.
 import argparse
 import gc
 import json
-import math
 import platform
 import time
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from bminf import wrapper
+from common import fill_random_
 from bminf.kernels import int8_linear
 from bminf.models.t5 import T5, T5_PRESETS, T5Config
 from bminf.offload.stream import Streamer
@@ -102,34 +102,13 @@ class no_copies:
         Streamer._load = self.load
 
 
-def materialize_(model: nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
-    """Give a model built on the meta device random weights in host memory (generated on ``device``:
-    a CPU fills 11 GB of random bytes far slower than a GPU)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    cfg = model.config
-    for mod in model.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            if p.dtype == torch.int8:
-                data = torch.randint(-127, 128, p.shape, dtype=torch.int8, device=device, generator=g)
-            elif name == "scale":  # int8 uniform has std ~73: rows then have std ~1/sqrt(d_in)
-                data = torch.full(p.shape, 1 / (73 * math.sqrt(mod.in_features)), dtype=torch.float16, device=device)
-            elif p.dim() == 1:
-                data = torch.ones(p.shape, dtype=dtype, device=device)  # norm gains
-            else:
-                std = 0.1 if p.shape[0] == cfg.n_heads else (1 / math.sqrt(p.shape[1]) if isinstance(mod, nn.Linear) else 0.5)
-                data = (torch.randn(p.shape, device=device, generator=g) * std).to(dtype)
-            mod._parameters[name] = nn.Parameter(data.cpu(), requires_grad=False)
-    return model.eval()
-
-
 def build(cfg: T5Config, int8: bool, device: torch.device) -> T5:
     with torch.device("meta"):
         model = T5(cfg)
     if int8:
         quantize_(model)
-    return materialize_(model, torch.float16, device)
+    # generated on the GPU (a CPU fills 11 GB of random bytes far slower), kept in host memory
+    return fill_random_(model, device, torch.device("cpu"), torch.float16)
 
 
 def decode(model, device, encode_length: int, steps: int, warmup: int = 2, counter=None):

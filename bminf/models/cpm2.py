@@ -4,7 +4,6 @@
 >>> cpm2.fill_blank("北京环球影城指定单日门票将采用<span>制度")      # doctest: +SKIP
 [{'position': 15, 'text': '实名'}]
 """
-import os
 import re
 from typing import List, Optional
 
