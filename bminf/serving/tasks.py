@@ -13,7 +13,6 @@ that ``max_tokens`` left unreached keep their ``<span>``); the blanks themselves
 >>> tasks = completion_tasks(cpm2, CompletionRequest(model="cpm2", prompt="今天<span>很好"))  # doctest: +SKIP
 """
 import inspect
-import re
 from typing import Callable, List, Optional, Sequence
 
 from ..generation import BlankRow, SamplingParams, TextRow
