@@ -6,13 +6,13 @@
 """
 import os
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..generation import TextRow
 from ..tokenizers import CPM1Tokenizer
-from .pretrained import Pretrained, as_batch, check_text
+from .pretrained import InputTooLongError, Prepared, Pretrained, as_batch, check_text
 
 __all__ = ["CPM1"]
 
@@ -67,27 +67,38 @@ class CPM1(Pretrained):
         >>> cpm1.generate("天空是蔚蓝色，窗外有", max_tokens=8, temperature=0)      # doctest: +SKIP
         """
         texts, single = as_batch("input_sentence", input_sentence, lambda v: isinstance(v, str))
-        texts = [check_text("input_sentence" if single else f"input_sentence[{i}]", t) for i, t in enumerate(texts)]
+        names = ["input_sentence"] if single else [f"input_sentence[{i}]" for i in range(len(texts))]
+        texts = [check_text(name, t) for name, t in zip(names, texts)]  # every input checked before any work
         params = self._params(max_tokens, top_n, top_p, temperature, frequency_penalty, presence_penalty, seed)
         stops = check_stop_strings(stop_tokens)
         stream = self._check_stream(stream)
+        prepared = [self.prepare_generate(t, max_tokens, stops, name=name) for name, t in zip(names, texts)]
+        return self._run(prepared, params, single, stream, lambda row, _: (row.text, row.stopped))
+
+    def prepare_generate(self, text: str, max_tokens: int, stop_strings: Sequence[str] = (), truncate: bool = True,
+                         name: str = "input_sentence") -> Prepared:
+        """``text`` formatted for :meth:`generate`: its ids (no BOS), stopping at ``<eod>`` or a stop string.
+
+        The prompt and the new tokens share CPM-1's positions: a longer prompt is cut from the left with
+        a warning, or refused with ``InputTooLongError`` when ``truncate`` is False.
+        """
+        check_text(name, text)
         positions = self.backbone.config.max_positions
         if max_tokens >= positions:
             raise ValueError(f"max_tokens must be below CPM-1's {positions} positions (they hold the prompt too), "
                              f"got {max_tokens}")
         room = positions - max_tokens
-        prompts = []
-        for text in texts:
-            ids = self.tokenizer.encode(text)
-            if len(ids) > room:
-                warnings.warn(f"the input has {len(ids)} tokens; with max_tokens={max_tokens} only the last {room} "
-                              f"fit CPM-1's {positions} positions, so it was cut from the left", stacklevel=2)
-                ids = ids[-room:]
-            prompts.append(ids)
+        ids = self.tokenizer.encode(text)
+        if len(ids) > room:
+            if not truncate:
+                raise InputTooLongError(f"{name} is {len(ids)} tokens and max_tokens is {max_tokens}: together at "
+                                        f"most {positions} (CPM-1's positions)")
+            warnings.warn(f"the input has {len(ids)} tokens; with max_tokens={max_tokens} only the last {room} "
+                          f"fit CPM-1's {positions} positions, so it was cut from the left", stacklevel=3)
+            ids = ids[-room:]
         tok = self.tokenizer
-        rows = [TextRow(tok.decode, {tok.eod_id}, max_tokens, stops) for _ in prompts]
-        return self._run(prompts, rows, params, single, stream, lambda row: (row.text, row.stopped),
-                         no_penalty=self._no_penalty(), filtered=self._control_ids())
+        return Prepared(ids, None, lambda: TextRow(tok.decode, {tok.eod_id}, max_tokens, stop_strings),
+                        self._no_penalty(), self._control_ids())
 
     def _no_penalty(self) -> List[int]:
         # ▁ starts nearly every word (BMInf exempts it); <eod> ends the text

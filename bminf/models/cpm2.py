@@ -5,12 +5,12 @@
 [{'position': 15, 'text': '实名'}]
 """
 import re
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from ..generation import BlankRow, TextRow
 from ..tokenizers import CPM2Tokenizer
 from .cpm1 import check_stop_strings
-from .pretrained import EncoderDecoder, as_batch, check_text, vocab_file
+from .pretrained import EncoderDecoder, Prepared, as_batch, check_text, vocab_file
 
 __all__ = ["CPM2", "SPAN", "MAX_SPANS"]
 
@@ -20,7 +20,7 @@ _GENERATE_SENTINEL = 189  # CPM-2 continues text as one blank at the end, marked
 _MARKER_LIKE = re.compile(r"<\s*/?\s*span\b[^<]*?>|<span(?!>)", re.IGNORECASE)
 
 
-def find_spans(text: str, positions=None) -> List[int]:
+def find_spans(text: str, positions=None, name: str = "input_sentence") -> List[int]:
     """Character offsets of the ``<span>`` markers, checked: 1 to 16, ascending, each really a marker.
 
     >>> find_spans("a<span>b<span>")
@@ -31,7 +31,7 @@ def find_spans(text: str, positions=None) -> List[int]:
         for m in _MARKER_LIKE.finditer(text):
             if text.startswith(SPAN, m.start()) and m.group(0) in (SPAN, "<span"):
                 continue
-            raise ValueError(f"input_sentence has a malformed span marker {m.group(0)!r} at position {m.start()}; "
+            raise ValueError(f"{name} has a malformed span marker {m.group(0)!r} at position {m.start()}; "
                              f"write blanks as {SPAN}")
     else:
         if not isinstance(positions, (list, tuple)) or not all(
@@ -40,13 +40,13 @@ def find_spans(text: str, positions=None) -> List[int]:
         positions = list(positions)
         for p in positions:
             if not text.startswith(SPAN, p) or p < 0:
-                raise ValueError(f"spans_position holds {p}, where input_sentence has no {SPAN}")
+                raise ValueError(f"spans_position holds {p}, where {name} has no {SPAN}")
         if any(b < a + len(SPAN) for a, b in zip(positions, positions[1:])):
             raise ValueError(f"spans_position must be ascending and not overlap, got {positions}")
     if not positions:
-        raise ValueError(f"input_sentence has no {SPAN}: fill_blank needs at least one blank")
+        raise ValueError(f"{name} has no {SPAN}: fill_blank needs at least one blank")
     if len(positions) > MAX_SPANS:
-        raise ValueError(f"input_sentence has {len(positions)} blanks; at most {MAX_SPANS} are allowed")
+        raise ValueError(f"{name} has {len(positions)} blanks; at most {MAX_SPANS} are allowed")
     return positions
 
 
@@ -80,37 +80,35 @@ class CPM2(EncoderDecoder):
         if not single and spans_position is not None:
             raise ValueError("spans_position is for one input_sentence; leave it out for a list")
         params = self._params(max_tokens, top_n, top_p, temperature, frequency_penalty, presence_penalty, seed)
-        self._check_max_tokens(max_tokens)
         stream = self._check_stream(stream)
+        prepared = [self.prepare_fill_blank(t, max_tokens, spans_position,
+                                            name="input_sentence" if single else f"input_sentence[{i}]")
+                    for i, t in enumerate(texts)]
+
+        def finish(row, p: Prepared) -> List[dict]:
+            return [{"position": pos, "text": text} for pos, text in zip(p.positions, row.texts)]
+
+        result = self._run(prepared, params, single, stream, finish)
+        return _positions(result, [p.positions for p in prepared], single) if stream else result
+
+    def prepare_fill_blank(self, text: str, max_tokens: int, spans_position: Optional[List[int]] = None,
+                           name: str = "input_sentence") -> Prepared:
+        """``text`` formatted for :meth:`fill_blank`: each text segment encoded on its own, ``<s_k>`` for
+        blank k; the decoder starts with ``<s> <s_0>`` (blank 0 forced open, where BMInf 1.x raised
+        "Unexpected model output" if the model did not open it), and ``<s_{n}>`` closes the last blank."""
+        self._check_max_tokens(max_tokens)
+        check_text(name, text)
+        positions = find_spans(text, spans_position, name)
         tok = self.tokenizer
-        sources, all_positions = [], []
-        for i, text in enumerate(texts):
-            name = "input_sentence" if single else f"input_sentence[{i}]"
-            check_text(name, text)
-            positions = find_spans(text, spans_position)
-            ids, start = [], 0
-            for k, p in enumerate(positions):
-                ids += tok.encode(text[start:p]) + [tok.get_span(k)]
-                start = p + len(SPAN)
-            ids += tok.encode(text[start:])
-            sources.append(self._encode_checked(ids, name))
-            all_positions.append(positions)
+        ids, start = [], 0
+        for k, p in enumerate(positions):
+            ids += tok.encode(text[start:p]) + [tok.get_span(k)]
+            start = p + len(SPAN)
+        ids = self._encode_checked(ids + tok.encode(text[start:]), name)
         sentinels = tok.sentinel_ids
-        rows = [BlankRow(tok.decode, sentinels, len(p), max_tokens, stop_ids={tok.eod_id}) for p in all_positions]
-        # <s> then <s_0> forced: the model fills blank 0 first (BMInf 1.x raised if it did not start so)
-        prefix = [tok.sod_id, sentinels[0]]
-
-        def finish(row_positions):
-            row, positions = row_positions
-            return [{"position": p, "text": t} for p, t in zip(positions, row.texts)]
-
-        result = self._run(sources, rows, params, single, stream, lambda row: row, no_penalty=self._no_penalty(),
-                           filtered=self._control_ids(), decoder_prefix=prefix)
-        if stream:
-            return _positions(result, all_positions, single)
-        if single:
-            return finish((result, all_positions[0]))
-        return [finish(pair) for pair in zip(result, all_positions)]
+        return Prepared(ids, [tok.sod_id, sentinels[0]],
+                        lambda: BlankRow(tok.decode, sentinels, len(positions), max_tokens, stop_ids={tok.eod_id}),
+                        self._no_penalty(), self._control_ids(), positions)
 
     def generate(self, input_sentence, max_tokens: int = 128, top_n: Optional[int] = None,
                  top_p: Optional[float] = None, temperature: float = 0.9, frequency_penalty: float = 0,
@@ -123,19 +121,27 @@ class CPM2(EncoderDecoder):
         >>> cpm2.generate("天空是蔚蓝色，窗外有", max_tokens=16)                  # doctest: +SKIP
         """
         texts, single = as_batch("input_sentence", input_sentence, lambda v: isinstance(v, str))
-        texts = [check_text("input_sentence" if single else f"input_sentence[{i}]", t) for i, t in enumerate(texts)]
+        names = ["input_sentence"] if single else [f"input_sentence[{i}]" for i in range(len(texts))]
+        texts = [check_text(name, t) for name, t in zip(names, texts)]  # every input checked before any work
         params = self._params(max_tokens, top_n, top_p, temperature, frequency_penalty, presence_penalty, seed)
-        self._check_max_tokens(max_tokens)
         stops = check_stop_strings(stop_tokens)
         stream = self._check_stream(stream)
+        prepared = [self.prepare_generate(t, max_tokens, stops, name=name) for name, t in zip(names, texts)]
+        return self._run(prepared, params, single, stream, lambda row, _: (row.text, row.stopped))
+
+    def prepare_generate(self, text: str, max_tokens: int, stop_strings: Sequence[str] = (),
+                         name: str = "input_sentence") -> Prepared:
+        """``text`` formatted for :meth:`generate`: ``enc(text) <s_189>``, the decoder starting with
+        ``<s> <s_189>`` (forced, so every sampled token is text; BMInf 1.x dropped one unchecked), and
+        stopping at ``<eod>``, any sentinel or a stop string."""
+        self._check_max_tokens(max_tokens)
+        check_text(name, text)
         tok = self.tokenizer
         span = tok.get_span(_GENERATE_SENTINEL)
-        sources = [self._encode_checked(tok.encode(t), "input_sentence") + [span] for t in texts]
-        rows = [TextRow(tok.decode, set(tok.sentinel_ids) | {tok.eod_id}, max_tokens, stops) for _ in sources]
-        # <s> then the blank's sentinel forced, so every sampled token is text (BMInf 1.x dropped one unchecked)
-        prefix = [tok.sod_id, span]
-        return self._run(sources, rows, params, single, stream, lambda row: (row.text, row.stopped),
-                         no_penalty=self._no_penalty(), filtered=self._control_ids(), decoder_prefix=prefix)
+        ids = self._encode_checked(tok.encode(text), name) + [span]
+        stop_ids = set(tok.sentinel_ids) | {tok.eod_id}
+        return Prepared(ids, [tok.sod_id, span], lambda: TextRow(tok.decode, stop_ids, max_tokens, stop_strings),
+                        self._no_penalty(), self._control_ids())
 
     def _no_penalty(self) -> List[int]:
         # the blanks' markers carry structure, not content: never penalize them

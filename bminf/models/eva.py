@@ -4,11 +4,12 @@
 >>> eva.dialogue(["你好", "你好，有什么可以帮你？", "推荐一本书"])       # doctest: +SKIP
 ('我推荐你看《三体》', True)
 """
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from ..generation import TextRow
 from ..tokenizers import EVATokenizer
-from .pretrained import EncoderDecoder, as_batch, check_text, vocab_file
+from .cpm1 import check_stop_strings
+from .pretrained import EncoderDecoder, Prepared, as_batch, check_text, vocab_file
 
 __all__ = ["EVA"]
 
@@ -23,9 +24,11 @@ class EVA(EncoderDecoder):
 
     def dialogue(self, context, max_tokens: int = 128, top_n: Optional[int] = 10, top_p: Optional[float] = None,
                  temperature: float = 0.85, frequency_penalty: float = 0, presence_penalty: float = 0,
-                 truncation_length: Optional[int] = 256, *, seed: Optional[int] = None, stream: bool = False):
+                 truncation_length: Optional[int] = 256, *, stop_tokens: Optional[List[str]] = None,
+                 seed: Optional[int] = None, stream: bool = False):
         """The next utterance after ``context`` (the utterances so far, oldest first, both speakers);
-        returns ``(text, stopped)``, ``stopped`` True when EVA ended its utterance (``<sep>``).
+        returns ``(text, stopped)``, ``stopped`` True when EVA ended its utterance (``<sep>``) or a stop
+        string ended it.
 
         The context is cut to its last ``truncation_length`` tokens, whole utterances first.
         A list of contexts runs as one batch; ``stream=True`` yields text pieces.
@@ -35,20 +38,27 @@ class EVA(EncoderDecoder):
         contexts, single = as_batch("context", context, lambda v: isinstance(v, (list, tuple)) and (
             not v or isinstance(v[0], str)))
         params = self._params(max_tokens, top_n, top_p, temperature, frequency_penalty, presence_penalty, seed)
+        stops = check_stop_strings(stop_tokens)
+        stream = self._check_stream(stream)
+        prepared = [self.prepare_dialogue(c, max_tokens, truncation_length, stops,
+                                          name="context" if single else f"context[{i}]")
+                    for i, c in enumerate(contexts)]
+        return self._run(prepared, params, single, stream, lambda row, _: (row.text, row.stopped))
+
+    def prepare_dialogue(self, context, max_tokens: int, truncation_length: Optional[int] = 256,
+                         stop_strings: Sequence[str] = (), name: str = "context") -> Prepared:
+        """``context`` formatted for :meth:`dialogue`: ``enc(u) <sep>`` per utterance then ``<s_0>``, cut
+        to ``truncation_length`` tokens; the decoder starts with ``<s_0>`` and stops at ``<sep>``."""
         self._check_max_tokens(max_tokens)
         if truncation_length is not None and (isinstance(truncation_length, bool) or
                                               not isinstance(truncation_length, int) or truncation_length < 2):
             raise ValueError(f"truncation_length must be None or an integer >= 2, got {truncation_length!r}")
-        stream = self._check_stream(stream)
         limit = min(truncation_length or self.max_input_tokens, self.max_input_tokens)
-        sources = [self._context_ids(c, "context" if single else f"context[{i}]", limit)
-                   for i, c in enumerate(contexts)]
+        ids = self._context_ids(context, name, limit)
         tok = self.tokenizer
-        rows = [TextRow(tok.decode, {tok.sep_id, tok.eod_id}, max_tokens) for _ in sources]
-        prefix = [tok.get_span(0)]
-        return self._run(sources, rows, params, single, stream, lambda row: (row.text, row.stopped),
-                         no_penalty=self._no_penalty(), filtered=self._control_ids(keep=["<sep>"]) + tok.sentinel_ids,
-                         decoder_prefix=prefix)
+        stop_ids = {tok.sep_id, tok.eod_id}
+        return Prepared(ids, [tok.get_span(0)], lambda: TextRow(tok.decode, stop_ids, max_tokens, stop_strings),
+                        self._no_penalty(), self._control_ids(keep=["<sep>"]) + tok.sentinel_ids)
 
     def _context_ids(self, context, name: str, limit: int) -> List[int]:
         """``enc(u) + [<sep>]`` for each utterance, then ``<s_0>``; the oldest utterances dropped to fit."""

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,9 +18,30 @@ import torch.nn as nn
 from ..generation import GPTRunner, SamplingParams, T5Runner, decode
 from ..units import parse_dtype, parse_size
 
-__all__ = ["Pretrained", "EncoderDecoder", "resolve_version", "available_version"]
+__all__ = ["Pretrained", "EncoderDecoder", "Prepared", "InputTooLongError", "resolve_version", "available_version"]
 
 _log = logging.getLogger("bminf.models")
+
+
+class InputTooLongError(ValueError):
+    """An input longer than the model takes where it cannot be cut; the message names it and the limit."""
+
+
+@dataclass
+class Prepared:
+    """One input formatted for the decode loop by a model's ``prepare_*`` method: the task methods and
+    the server (``bminf.serving``) build their work from these, so each task's format lives in one place.
+
+    ``source``: the GPT prompt or the T5 encoder input; ``prefix``: the T5 decoder's start ids (None
+    for GPT); ``new_row()``: a fresh row (``TextRow``/``BlankRow``) for one run; ``no_penalty`` ids are
+    never counted for the penalties, ``filtered`` ids never sampled; ``positions``: fill_blank's blanks.
+    """
+    source: List[int]
+    prefix: Optional[List[int]]
+    new_row: Callable[[], object]
+    no_penalty: List[int]
+    filtered: List[int]
+    positions: Optional[List[int]] = None
 
 
 def _demo_versions() -> dict:
@@ -244,20 +266,24 @@ class Pretrained(nn.Module):
             raise TypeError(f"stream must be True or False, got {stream!r}")
         return stream
 
-    def _run(self, inputs: List[List[int]], rows: List, params: SamplingParams, single: bool, stream: bool,
-             finish: Callable, no_penalty: Sequence[int] = (), filtered: Sequence[int] = (),
-             decoder_prefix: Optional[Sequence[int]] = None):
-        """Generate for ``inputs`` (GPT prompts, or T5 encoder inputs when ``decoder_prefix`` is given)
-        with one row each; compute starts only here, after every argument was checked."""
+    def _run(self, prepared: List[Prepared], params: SamplingParams, single: bool, stream: bool,
+             finish: Callable):
+        """Generate for every prepared input, one row each, as one batch; ``finish(row, prepared)`` makes
+        a result. Compute starts only here, after every argument was checked."""
+        rows = [p.new_row() for p in prepared]
+        inputs = [p.source for p in prepared]
+        first = prepared[0]  # a task's batch shares the decoder prefix and the special ids
+
         def events() -> Iterator:
-            yield from decode(self._runner(inputs, params.max_tokens, decoder_prefix), rows, params, inputs,
-                              self.tokenizer.vocab_size, no_penalty, filtered)
+            runner = self._runner(inputs, params.max_tokens, first.prefix)
+            yield from decode(runner, rows, params, inputs, self.tokenizer.vocab_size, first.no_penalty,
+                              first.filtered)
 
         if stream:
             return _pieces(events(), single)
         for _ in events():
             pass
-        results = [finish(row) for row in rows]
+        results = [finish(row, p) for row, p in zip(rows, prepared)]
         return results[0] if single else results
 
     def _runner(self, inputs: List[List[int]], max_tokens: int, decoder_prefix: Optional[Sequence[int]]):
@@ -284,7 +310,8 @@ class EncoderDecoder(Pretrained):
 
     def _encode_checked(self, ids: List[int], what: str) -> List[int]:
         if len(ids) > self.max_input_tokens:
-            raise ValueError(f"{what} is {len(ids)} tokens long; at most {self.max_input_tokens} are allowed")
+            raise InputTooLongError(f"{what} is {len(ids)} tokens long; at most {self.max_input_tokens} are "
+                                    "allowed")
         return ids
 
     def _check_max_tokens(self, max_tokens) -> None:

@@ -15,8 +15,9 @@ that ``max_tokens`` left unreached keep their ``<span>``); the blanks themselves
 import inspect
 from typing import Callable, List, Optional, Sequence
 
-from ..generation import BlankRow, SamplingParams, TextRow
-from ..models.cpm2 import _GENERATE_SENTINEL, _MARKER_LIKE, SPAN, find_spans
+from ..generation import SamplingParams
+from ..models.cpm2 import _MARKER_LIKE, SPAN
+from ..models.pretrained import InputTooLongError, Prepared
 from .engine import Job
 from .protocol import APIError, ChatRequest, CompletionRequest
 
@@ -117,20 +118,21 @@ def completion_tasks(model, req: CompletionRequest) -> List[Task]:
         fill = t5 and _MARKER_LIKE.search(text) is not None
         method = model.fill_blank if fill else model.generate
         params = _params(model, req, method, req.max_tokens)
+        if fill and stops:
+            raise APIError(400, "stop is not supported for a prompt with <span> blanks (its answers end at "
+                                "each blank's sentinel)", param="stop")
         if fill:
-            if stops:
-                raise APIError(400, "stop is not supported for a prompt with <span> blanks (its answers end at "
-                                    "each blank's sentinel)", param="stop")
-            made = _fill_blank(model, text, name, params)
+            prepared = _prepare(lambda: model.prepare_fill_blank(text, params.max_tokens, name=name), "prompt")
         elif t5:
-            made = _cpm2_generate(model, text, name, params, stops)
-        else:
-            made = _cpm1_generate(model, text, name, params, stops)
+            prepared = _prepare(lambda: model.prepare_generate(text, params.max_tokens, stops, name=name), "prompt")
+        else:  # the class cuts a long prompt from the left with a warning; a server refuses, as OpenAI does
+            prepared = _prepare(lambda: model.prepare_generate(text, params.max_tokens, stops, truncate=False,
+                                                               name=name), "prompt")
         for i, seed in enumerate(_seeds(req)):
-            task, job_args = made()
+            row = prepared.new_row()
+            task = _fill_task(text, prepared, row) if fill else Task(0, len(prepared.source), render=str)
             task.index = p * req.n + i
-            task.job = Job(*job_args[:3], _with_seed(params, seed), tok.vocab_size, sink=_unset,
-                           no_penalty=job_args[3], filtered=job_args[4])
+            task.job = _job(prepared, row, _with_seed(params, seed), tok.vocab_size)
             tasks.append(task)
     return tasks
 
@@ -162,19 +164,14 @@ def chat_tasks(model, req: ChatRequest) -> List[Task]:
             raise APIError(400, f"messages[{i}].content must be non-empty text", param="messages")
         context.append(content)
     params = _params(model, req, model.dialogue, max_tokens)
-    limit = min(_defaults(model.dialogue)["truncation_length"] or model.max_input_tokens, model.max_input_tokens)
-    try:
-        source = model._context_ids(context, "messages", limit)
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc), param="messages") from exc
-    tok = model.tokenizer
-    filtered = model._control_ids(keep=["<sep>"]) + list(tok.sentinel_ids)
+    truncation = _defaults(model.dialogue)["truncation_length"]
+    prepared = _prepare(lambda: model.prepare_dialogue(context, params.max_tokens, truncation, stops,
+                                                       name="messages"), "messages")
     tasks = []
     for i, seed in enumerate(_seeds(req)):
-        task = Task(i, len(source), render=str)
-        row = TextRow(tok.decode, {tok.sep_id, tok.eod_id}, params.max_tokens, stops)
-        task.job = Job(source, [tok.get_span(0)], row, _with_seed(params, seed), tok.vocab_size, sink=_unset,
-                       no_penalty=model._no_penalty(), filtered=filtered)
+        row = prepared.new_row()
+        task = Task(i, len(prepared.source), render=str)
+        task.job = _job(prepared, row, _with_seed(params, seed), model.tokenizer.vocab_size)
         tasks.append(task)
     return tasks
 
@@ -183,60 +180,25 @@ def _unset(kind, value):  # replaced by the app before the job is submitted
     raise RuntimeError("job submitted without a sink")
 
 
-def _encode_checked(model, ids: List[int], name: str) -> List[int]:
-    if len(ids) > model.max_input_tokens:
-        raise APIError(400, f"{name} is {len(ids)} tokens long; at most {model.max_input_tokens} are allowed",
-                       param="prompt", code="context_length_exceeded")
-    return ids
-
-
-def _cpm1_generate(model, text: str, name: str, params: SamplingParams, stops: Sequence[str]):
-    tok = model.tokenizer
-    ids = tok.encode(text)
-    positions = model.backbone.config.max_positions
-    if len(ids) + params.max_tokens > positions:
-        # the class cuts the prompt from the left with a warning; a server refuses, as OpenAI does
-        raise APIError(400, f"{name} is {len(ids)} tokens and max_tokens is {params.max_tokens}: together at most "
-                            f"{positions} (CPM-1's positions)", param="prompt", code="context_length_exceeded")
-
-    def make():
-        row = TextRow(tok.decode, {tok.eod_id}, params.max_tokens, stops)
-        return Task(0, len(ids), render=str), (ids, None, row, model._no_penalty(), model._control_ids())
-    return make
-
-
-def _cpm2_generate(model, text: str, name: str, params: SamplingParams, stops: Sequence[str]):
-    tok = model.tokenizer
-    span = tok.get_span(_GENERATE_SENTINEL)
-    source = _encode_checked(model, tok.encode(text), name) + [span]
-
-    def make():
-        row = TextRow(tok.decode, set(tok.sentinel_ids) | {tok.eod_id}, params.max_tokens, stops)
-        return Task(0, len(source), render=str), (source, [tok.sod_id, span], row, model._no_penalty(),
-                                                  model._control_ids())
-    return make
-
-
-def _fill_blank(model, text: str, name: str, params: SamplingParams):
-    tok = model.tokenizer
+def _prepare(build: Callable[[], Prepared], param: str) -> Prepared:
+    """The model's own formatting of one input; its errors become 400s naming the field."""
     try:
-        positions = find_spans(text)
-    except ValueError as exc:
-        raise APIError(400, str(exc).replace("input_sentence", name), param="prompt") from exc
-    ids, start = [], 0
-    for k, p in enumerate(positions):
-        ids += tok.encode(text[start:p]) + [tok.get_span(k)]
-        start = p + len(SPAN)
-    source = _encode_checked(model, ids + tok.encode(text[start:]), name)
-    sentinels = tok.sentinel_ids
+        return build()
+    except InputTooLongError as exc:
+        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from exc
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc), param=param) from exc
 
-    def make():
-        row = BlankRow(tok.decode, sentinels, len(positions), params.max_tokens, stop_ids={tok.eod_id})
-        filled = FilledText(text, positions)
-        task = Task(0, len(source), render=filled.piece, tail=lambda: filled.tail(len(row.texts)),
-                    blanks=lambda: [{"position": p, "text": t} for p, t in zip(positions, row.texts)])
-        return task, (source, [tok.sod_id, sentinels[0]], row, model._no_penalty(), model._control_ids())
-    return make
+
+def _job(prepared: Prepared, row, params: SamplingParams, vocab_size: int) -> Job:
+    return Job(prepared.source, prepared.prefix, row, params, vocab_size, sink=_unset,
+               no_penalty=prepared.no_penalty, filtered=prepared.filtered)
+
+
+def _fill_task(text: str, prepared: Prepared, row) -> Task:
+    filled = FilledText(text, prepared.positions)
+    return Task(0, len(prepared.source), render=filled.piece, tail=lambda: filled.tail(len(row.texts)),
+                blanks=lambda: [{"position": p, "text": t} for p, t in zip(prepared.positions, row.texts)])
 
 
 class FilledText:
