@@ -12,22 +12,9 @@ import torch
 
 from ..generation import TextRow
 from ..tokenizers import CPM1Tokenizer
-from .pretrained import InputTooLongError, Prepared, Pretrained, as_batch, check_text
+from .pretrained import InputTooLongError, Prepared, Pretrained, check_text
 
 __all__ = ["CPM1"]
-
-
-def check_stop_strings(stop_tokens) -> List[str]:
-    if stop_tokens is None:
-        return []
-    if isinstance(stop_tokens, str):
-        stop_tokens = [stop_tokens]
-    if not isinstance(stop_tokens, (list, tuple)):
-        raise TypeError(f"stop_tokens must be a list of strings, got {type(stop_tokens).__name__}")
-    for i, s in enumerate(stop_tokens):
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop_tokens[{i}] must be a non-empty string, got {s!r}")
-    return list(stop_tokens)
 
 
 class CPM1(Pretrained):
@@ -66,14 +53,8 @@ class CPM1(Pretrained):
 
         >>> cpm1.generate("天空是蔚蓝色，窗外有", max_tokens=8, temperature=0)      # doctest: +SKIP
         """
-        texts, single = as_batch("input_sentence", input_sentence, lambda v: isinstance(v, str))
-        names = ["input_sentence"] if single else [f"input_sentence[{i}]" for i in range(len(texts))]
-        texts = [check_text(name, t) for name, t in zip(names, texts)]  # every input checked before any work
-        params = self._params(max_tokens, top_n, top_p, temperature, frequency_penalty, presence_penalty, seed)
-        stops = check_stop_strings(stop_tokens)
-        stream = self._check_stream(stream)
-        prepared = [self.prepare_generate(t, max_tokens, stops, name=name) for name, t in zip(names, texts)]
-        return self._run(prepared, params, single, stream, lambda row, _: (row.text, row.stopped))
+        return self._generate(input_sentence, max_tokens, top_n, top_p, temperature, frequency_penalty,
+                              presence_penalty, stop_tokens, seed, stream)
 
     def prepare_generate(self, text: str, max_tokens: int, stop_strings: Sequence[str] = (), truncate: bool = True,
                          name: str = "input_sentence") -> Prepared:

@@ -9,7 +9,6 @@ from typing import List, Optional, Sequence
 
 from ..generation import BlankRow, TextRow
 from ..tokenizers import CPM2Tokenizer
-from .cpm1 import check_stop_strings
 from .pretrained import EncoderDecoder, Prepared, as_batch, check_text, vocab_file
 
 __all__ = ["CPM2", "SPAN", "MAX_SPANS"]
@@ -120,14 +119,8 @@ class CPM2(EncoderDecoder):
 
         >>> cpm2.generate("天空是蔚蓝色，窗外有", max_tokens=16)                  # doctest: +SKIP
         """
-        texts, single = as_batch("input_sentence", input_sentence, lambda v: isinstance(v, str))
-        names = ["input_sentence"] if single else [f"input_sentence[{i}]" for i in range(len(texts))]
-        texts = [check_text(name, t) for name, t in zip(names, texts)]  # every input checked before any work
-        params = self._params(max_tokens, top_n, top_p, temperature, frequency_penalty, presence_penalty, seed)
-        stops = check_stop_strings(stop_tokens)
-        stream = self._check_stream(stream)
-        prepared = [self.prepare_generate(t, max_tokens, stops, name=name) for name, t in zip(names, texts)]
-        return self._run(prepared, params, single, stream, lambda row, _: (row.text, row.stopped))
+        return self._generate(input_sentence, max_tokens, top_n, top_p, temperature, frequency_penalty,
+                              presence_penalty, stop_tokens, seed, stream)
 
     def prepare_generate(self, text: str, max_tokens: int, stop_strings: Sequence[str] = (),
                          name: str = "input_sentence") -> Prepared:

@@ -8,8 +8,7 @@ from typing import List, Optional, Sequence
 
 from ..generation import TextRow
 from ..tokenizers import EVATokenizer
-from .cpm1 import check_stop_strings
-from .pretrained import EncoderDecoder, Prepared, as_batch, check_text, vocab_file
+from .pretrained import EncoderDecoder, Prepared, as_batch, check_stop_strings, check_text, vocab_file
 
 __all__ = ["EVA"]
 

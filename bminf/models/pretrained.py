@@ -134,6 +134,20 @@ def check_text(name: str, value) -> str:
     return value
 
 
+def check_stop_strings(stop_tokens) -> List[str]:
+    """``stop_tokens`` as a list of non-empty strings (None: none; one string: that one)."""
+    if stop_tokens is None:
+        return []
+    if isinstance(stop_tokens, str):
+        stop_tokens = [stop_tokens]
+    if not isinstance(stop_tokens, (list, tuple)):
+        raise TypeError(f"stop_tokens must be a list of strings, got {type(stop_tokens).__name__}")
+    for i, s in enumerate(stop_tokens):
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop_tokens[{i}] must be a non-empty string, got {s!r}")
+    return list(stop_tokens)
+
+
 def as_batch(name: str, value, is_one: Callable[[object], bool]) -> tuple:
     """``(inputs, single)``: ``[value], True`` for one input, ``list(value), False`` for a list of them."""
     if is_one(value) or not isinstance(value, (list, tuple)):
@@ -265,6 +279,18 @@ class Pretrained(nn.Module):
         if not isinstance(stream, bool):
             raise TypeError(f"stream must be True or False, got {stream!r}")
         return stream
+
+    def _generate(self, input_sentence, max_tokens, top_n, top_p, temperature, frequency_penalty, presence_penalty,
+                  stop_tokens, seed, stream):
+        """``generate`` of CPM-1 and CPM-2, which differ only in ``prepare_generate``."""
+        texts, single = as_batch("input_sentence", input_sentence, lambda v: isinstance(v, str))
+        names = ["input_sentence"] if single else [f"input_sentence[{i}]" for i in range(len(texts))]
+        texts = [check_text(name, t) for name, t in zip(names, texts)]  # every input checked before any work
+        params = self._params(max_tokens, top_n, top_p, temperature, frequency_penalty, presence_penalty, seed)
+        stops = check_stop_strings(stop_tokens)
+        stream = self._check_stream(stream)
+        prepared = [self.prepare_generate(t, max_tokens, stops, name=name) for name, t in zip(names, texts)]
+        return self._run(prepared, params, single, stream, lambda row, _: (row.text, row.stopped))
 
     def _run(self, prepared: List[Prepared], params: SamplingParams, single: bool, stream: bool,
              finish: Callable):
