@@ -10,5 +10,5 @@ from .sampling import (SamplingParams, count_ids, distribution, keep_top_n, keep
                        scores)
 from .text import TextStream
 
-__all__ = ["SamplingParams", "sample", "scores", "distribution", "penalize", "keep_top_n", "keep_top_p", "count_ids", "decode", "GPTRunner",
-           "T5Runner", "pad_rows", "TextRow", "BlankRow", "TextStream"]
+__all__ = ["SamplingParams", "sample", "scores", "distribution", "penalize", "keep_top_n", "keep_top_p", "count_ids",
+           "decode", "GPTRunner", "T5Runner", "pad_rows", "TextRow", "BlankRow", "TextStream"]

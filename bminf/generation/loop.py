@@ -106,14 +106,18 @@ def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequenc
         exempt[list(no_penalty)] = True
         base_ban = torch.zeros(vocab_size, dtype=torch.bool)
         base_ban[list(filtered)] = True
+        device_ban = base_ban.to(device)  # (vocab,): what every step bans when no row adds to it
         generators = None if params.greedy else [_generator(params.seed, device) for _ in rows]
         while True:
-            ban = base_ban[None].repeat(len(rows), 1)
-            for i, row in enumerate(rows):
-                extra = row.banned()
-                if extra:
-                    ban[i, list(extra)] = True
-            tokens = sample(logits, params, counts, ban.to(device), generators)
+            extras = [row.banned() for row in rows]
+            ban = device_ban
+            if any(extras):  # rows with bans of their own (fill_blank): (batch, vocab), built on the host
+                ban = base_ban[None].repeat(len(rows), 1)
+                for i, extra in enumerate(extras):
+                    if extra:
+                        ban[i, list(extra)] = True
+                ban = ban.to(device)
+            tokens = sample(logits, params, counts, ban, generators)
             events = []
             for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if row.done:

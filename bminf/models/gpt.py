@@ -34,7 +34,8 @@ class GPTConfig:
 GPT_PRESETS = {
     "cpm1": dict(vocab_size=30000, max_positions=1024, d_model=2560, d_ff=10240, n_heads=32, d_head=80,
                  n_layers=32, eps=1e-5),
-    "cpm1-demo": dict(vocab_size=6000, max_positions=512, d_model=256, d_ff=768, n_heads=4, d_head=64, n_layers=6, eps=1e-5),
+    "cpm1-demo": dict(vocab_size=6000, max_positions=512, d_model=256, d_ff=768, n_heads=4, d_head=64, n_layers=6,
+                      eps=1e-5),
 }
 
 

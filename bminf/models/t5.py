@@ -47,8 +47,11 @@ T5_PRESETS = {
     # BMInf 1.x runs EVA with max_distance 256; EVA's own training code used 128
     "eva": dict(vocab_size=30000, d_model=2048, d_ff=5120, n_heads=32, d_head=64, n_encoder_layers=24,
                 n_decoder_layers=24, num_buckets=32, max_distance=256, eps=1e-6),
-    "cpm2-demo": dict(vocab_size=6000, d_model=192, d_ff=512, n_heads=4, d_head=48, n_encoder_layers=3, n_decoder_layers=3, num_buckets=32, max_distance=128, eps=1e-6),
-    "eva-demo": dict(vocab_size=5800, d_model=192, d_ff=512, n_heads=4, d_head=48, n_encoder_layers=3, n_decoder_layers=3, num_buckets=32, max_distance=256, eps=1e-6),
+    # the demo checkpoints that ship in bminf/demo (scripts/make_demo.py)
+    "cpm2-demo": dict(vocab_size=6000, d_model=192, d_ff=512, n_heads=4, d_head=48, n_encoder_layers=3,
+                      n_decoder_layers=3, num_buckets=32, max_distance=128, eps=1e-6),
+    "eva-demo": dict(vocab_size=5800, d_model=192, d_ff=512, n_heads=4, d_head=48, n_encoder_layers=3,
+                     n_decoder_layers=3, num_buckets=32, max_distance=256, eps=1e-6),
 }
 
 
