@@ -125,7 +125,7 @@ class GraphedDecoder:
         self.capture_s = 0.0  # total time spent capturing (warm-up), for reporting
 
     # -- the static step --------------------------------------------------------------------------
-    def _kv(self) -> "KVCache":  # noqa: F821 - the self-attention cache of either model
+    def _kv(self):  # the self-attention KVCache of either model
         return self.cache.self_kv if self.is_t5 else self.cache
 
     def _step(self, length: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A *runner* hides the backbone: ``start()`` runs the prompt and returns the logits of the first new
 token, ``step(tokens)`` feeds one token per row and returns the next logits. A *row* (see
-``bminf.models.tasks``) turns its row's tokens into text and says when it is done. The loop itself
+``bminf.generation.rows``) turns its row's tokens into text and says when it is done. The loop itself
 only samples, counts tokens for the penalties, and stops when every row is done.
 
 >>> runner = GPTRunner(model, [[5, 6, 7]], max_new_tokens=8)        # doctest: +SKIP
@@ -102,8 +102,7 @@ def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequenc
         device = logits.device
         penalized = params.frequency_penalty != 0 or params.presence_penalty != 0
         counts = count_ids(prompts, vocab_size, no_penalty, device) if penalized else None
-        exempt = torch.zeros(vocab_size, dtype=torch.bool)
-        exempt[list(no_penalty)] = True
+        exempt = set(no_penalty)
         base_ban = torch.zeros(vocab_size, dtype=torch.bool)
         base_ban[list(filtered)] = True
         device_ban = base_ban.to(device)  # (vocab,): what every step bans when no row adds to it
@@ -125,7 +124,7 @@ def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequenc
                 out = row.push(token)
                 if out:
                     events.append((i, out))
-                if counts is not None and not exempt[token]:
+                if counts is not None and token not in exempt:
                     counts[i, token] += 1
             yield events
             if all(row.done for row in rows):

@@ -22,7 +22,7 @@ class TextRow:
                  stop_strings: Sequence[str] = ()):
         self._decode, self.stop_ids, self.max_tokens = decode, set(stop_ids), max_tokens
         self.stream = TextStream(stop_strings)
-        self.tokens: List[int] = []
+        self.steps = 0  # text tokens taken (a stop id is not one)
         self.stopped = False
         self.done = max_tokens == 0
 
@@ -37,11 +37,11 @@ class TextRow:
         if token in self.stop_ids:
             self.stopped = self.done = True
             return self.stream.flush()
-        self.tokens.append(token)
+        self.steps += 1
         piece = self.stream.push(self._decode([token]))
         if self.stream.stopped:
             self.stopped = self.done = True
-        elif len(self.tokens) >= self.max_tokens:
+        elif self.steps >= self.max_tokens:
             self.done = True
             piece += self.stream.flush()
         return piece

@@ -5,7 +5,6 @@ tokenizer, placing it on a device within a memory budget, and running the genera
 >>> cpm2.device, cpm2.dtype                                  # doctest: +SKIP
 (device(type='cpu'), torch.float32)
 """
-import logging
 import os
 import sys
 from collections import OrderedDict
@@ -19,8 +18,6 @@ from ..generation import GPTRunner, SamplingParams, T5Runner, decode
 from ..units import parse_dtype, parse_size
 
 __all__ = ["Pretrained", "EncoderDecoder", "Prepared", "InputTooLongError", "resolve_version", "available_version"]
-
-_log = logging.getLogger("bminf.models")
 
 
 class InputTooLongError(ValueError):
