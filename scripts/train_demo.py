@@ -34,8 +34,8 @@ SEED = 1234  # make_demo.py's seed: training starts from the shipped random weig
 SETTINGS = {
     "cpm1-demo": dict(batch=64, seq=256, lr=2e-3, steps=1600),
     # T5 does not scale QK^T: at 2e-3 the first GPU run diverged (NaN) right after warm-up
-    "cpm2-demo": dict(batch=128, lr=1e-3, steps=1200),
-    "eva-demo": dict(batch=128, lr=1e-3, steps=1000),
+    "cpm2-demo": dict(batch=128, lr=1e-3, steps=2000),
+    "eva-demo": dict(batch=128, lr=1e-3, steps=1600),
 }
 UNIGRAM_SAMPLE = 20000  # training examples whose targets give the T5 unigram counts
 IGNORE = -100
