@@ -6,8 +6,12 @@ is worth more than its arithmetic. The kernel follows the same order of rounding
 ``bminf.layers.RMSNorm``: statistics in fp32, the normalized row rounded to the input dtype, then
 multiplied by the gain (rounded once more), so results match to the last bit except where the fp32
 sum over the row is added up in another order.
+
+``residual`` is T5's residual step in one kernel: the add, the fp16 overflow clamp and the norm
+that follows it, which in PyTorch are seven or more kernels.
 """
 import functools
+from typing import Optional, Tuple
 
 import torch
 
@@ -33,6 +37,128 @@ def _kernel():
         tl.store(y_ptr + row * D + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
 
     return rms_norm, triton.next_power_of_2
+
+
+# fp16's largest value less 1000, on fp16's grid: where HF's T5 clamps an overflowing residual
+FP16_CLAMP = float(torch.tensor(torch.finfo(torch.float16).max - 1000, dtype=torch.float16))
+
+
+@functools.lru_cache(maxsize=None)
+def _residual_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def residual_norm(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, D, eps, limit,
+                      CLAMP: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+        # s = x + h rounded as torch rounds it; in fp16, a row holding an inf is clamped to
+        # +-limit; y = RMSNorm(s) as rms_norm above computes it
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < D
+        x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
+        s = (x + h).to(s_ptr.dtype.element_ty).to(tl.float32)
+        if CLAMP:
+            has_inf = tl.max(tl.where(ok & (tl.abs(s) == float("inf")), 1, 0), axis=0) > 0
+            s = tl.where(has_inf & (s > limit), limit, tl.where(has_inf & (s < -limit), -limit, s))
+        tl.store(s_ptr + row * D + cols, s.to(s_ptr.dtype.element_ty), mask=ok)
+        if NORM:
+            s = tl.where(ok, s, 0.0)
+            r = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / D + eps)
+            normed = (s * r).to(y_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(y_ptr + row * D + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
+
+    return residual_norm, triton.next_power_of_2
+
+
+def clamp_rows(x: torch.Tensor) -> torch.Tensor:
+    """fp16 only: each row (last dimension) that holds an inf is clamped to +-``FP16_CLAMP``, as HF's
+    T5 clamps a residual that outgrew fp16 (one inf becomes NaN in the next RMSNorm). HF clamps the
+    whole tensor when any value is inf; per row, one sequence's overflow does not change the numbers
+    of the others in its batch. Other dtypes, and rows without an inf, pass through unchanged."""
+    if x.dtype != torch.float16:
+        return x
+    has_inf = torch.isinf(x).any(-1, keepdim=True)  # on the device: no host sync
+    limit = torch.where(has_inf, FP16_CLAMP, float(torch.finfo(torch.float16).max)).to(x.dtype)
+    return torch.clamp(x, -limit, limit)
+
+
+def residual(x: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor] = None,
+             eps: float = 1e-6) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """T5's residual step: ``s = clamp_rows(x + h)`` and, given a norm ``weight``, ``RMSNorm(s)``.
+
+    Returns ``(s, normed or None)``. On CUDA in fp16/bf16 without autograd it is one kernel (in
+    PyTorch: an add, the clamp's five kernels and the norm's); the same rounding steps either way.
+    """
+    if x.shape != h.shape:
+        raise ValueError(f"residual: shapes {tuple(x.shape)} and {tuple(h.shape)} differ")
+    if not supports(x) or x.dtype != h.dtype:
+        return _residual_reference(x, h, weight, eps)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h, weight))):
+        return _residual_kernel_call(x, h, weight, eps)  # the same numbers, without autograd's cost
+    if weight is None:
+        return _Residual.apply(x, h, eps), None
+    return _ResidualNorm.apply(x, h, weight, eps)
+
+
+def _residual_reference(x, h, weight, eps):
+    s = clamp_rows(x + h)
+    return s, (reference(s, weight, eps) if weight is not None else None)
+
+
+def _reference_grads(needs, inputs, outputs_of, grads):
+    """Gradients of the PyTorch formula ``outputs_of(*inputs)``, recomputed: the kernel is chosen by
+    device and dtype alone, so a block recomputed for backward sees its forward's numbers."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+        outs = [o for o in outputs_of(*leaves) if o is not None]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        wanted = [t for t in leaves if t.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                     if wanted and pairs else ())
+    return [next(found) if t.requires_grad else None for t in leaves]
+
+
+class _Residual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, eps):
+        ctx.save_for_backward(x, h)
+        return _residual_kernel_call(x, h, None, eps)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h = ctx.saved_tensors
+        return (*_reference_grads(ctx.needs_input_grad[:2], (x, h), lambda a, b: (clamp_rows(a + b),), (grad,)), None)
+
+
+class _ResidualNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, weight, eps):
+        ctx.save_for_backward(x, h, weight)
+        ctx.eps = eps
+        return _residual_kernel_call(x, h, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_y):
+        x, h, weight = ctx.saved_tensors
+        grads = _reference_grads(ctx.needs_input_grad[:3], (x, h, weight), lambda a, b, w: _residual_reference(a, b, w, ctx.eps),
+                                 (grad_s, grad_y))
+        return (*grads, None)
+
+
+def _residual_kernel_call(x, h, weight, eps):
+    kernel, next_pow2 = _residual_kernel()
+    d = x.shape[-1]
+    x2, h2 = x.reshape(-1, d).contiguous(), h.reshape(-1, d).contiguous()
+    s = torch.empty_like(x2)
+    y = torch.empty_like(x2) if weight is not None else s
+    w = weight.contiguous() if weight is not None else s  # a placeholder pointer when absent
+    block = next_pow2(d)
+    kernel[(x2.shape[0],)](x2, h2, w, s, y, d, eps, FP16_CLAMP, CLAMP=x.dtype == torch.float16,
+                           NORM=weight is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return s.reshape(x.shape), (y.reshape(x.shape) if weight is not None else None)
 
 
 def supports(x: torch.Tensor) -> bool:

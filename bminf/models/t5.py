@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import triton_norm
 from ..layers import (Attention, CrossKVCache, GatedFeedForward, KVCache, RelativePositionBias, RMSNorm,
                       additive_mask, causal_mask, check_cache_size, check_ids)
 from .config_checks import check_config_fields
@@ -65,8 +66,8 @@ class EncoderBlock(nn.Module):
         self.ff = GatedFeedForward(d, config.d_ff)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = clamp_fp16(x + self.self_attn(self.ln_attn(x), bias))
-        return clamp_fp16(x + self.ff(self.ln_ff(x)))
+        x, y = residual(x, self.self_attn(self.ln_attn(x), bias), self.ln_ff)
+        return residual(x, self.ff(y))[0]
 
 
 class DecoderBlock(nn.Module):
@@ -82,20 +83,23 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, source: Optional[torch.Tensor],
                 cross_bias: torch.Tensor, kv=None, cross_kv=None) -> torch.Tensor:
-        x = clamp_fp16(x + self.self_attn(self.ln_attn(x), self_bias, kv))
-        x = clamp_fp16(x + self.cross_attn(self.ln_cross_attn(x), cross_bias, source=source, cross_kv=cross_kv))
-        return clamp_fp16(x + self.ff(self.ln_ff(x)))
+        x, y = residual(x, self.self_attn(self.ln_attn(x), self_bias, kv), self.ln_cross_attn)
+        x, y = residual(x, self.cross_attn(y, cross_bias, source=source, cross_kv=cross_kv), self.ln_ff)
+        return residual(x, self.ff(y))[0]
+
+
+def residual(x: torch.Tensor, h: torch.Tensor, norm: Optional[RMSNorm] = None):
+    """``(x + h, norm(x + h))``, the sum clamped in fp16 where it overflowed (``clamp_fp16``); one
+    kernel on CUDA. ``norm(...)`` is None without a norm."""
+    return triton_norm.residual(x, h, None if norm is None else norm.weight, norm.eps if norm is not None else 0.0)
 
 
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
     """fp16 only: T5's residual stream can outgrow fp16, and one inf becomes NaN in the next RMSNorm.
-    As HF's T5 does, once any value is inf, clamp all to 1000 below fp16's largest; other dtypes,
-    and fp16 without overflow, pass through unchanged."""
-    if x.dtype != torch.float16:
-        return x
-    big = torch.finfo(torch.float16).max
-    limit = torch.where(torch.isinf(x).any(), big - 1000, big).to(x.dtype)  # on the device: no host sync
-    return torch.clamp(x, -limit, limit)
+    As HF's T5 does, a token whose activations hold an inf is clamped to 1000 below fp16's largest
+    (HF clamps the whole batch; per token, one row's overflow leaves the others' numbers alone).
+    Other dtypes, and fp16 without overflow, pass through unchanged."""
+    return triton_norm.clamp_rows(x)
 
 
 class T5Cache:
