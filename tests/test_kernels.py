@@ -159,3 +159,76 @@ def test_w8a8_on_gpu(monkeypatch):
     ref = F.linear(x.double(), q.double() * s.double()[:, None])
     y = int8_linear(x.cuda(), q.cuda(), s.cuda())
     assert float((y.cpu().double() - ref).abs().max() / ref.abs().max()) < 0.02
+
+
+# one launch for several linears (q/k/v; T5's two feed-forward inputs) and T5's residual
+# step, against the PyTorch ops they replace
+FUSED_CHECK = """
+import torch, torch.nn.functional as F
+from bminf.kernels import triton_gemv, triton_norm
+from bminf.quantization import quantize_weight
+torch.manual_seed(0)
+dev = "{device}"
+worst = dict(many=0.0, norm=0.0)
+def err(y, ref):
+    return float((y.cpu().double() - ref.cpu().double()).abs().max() / ref.cpu().double().abs().max())
+for m, n, k in [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030)]:
+    ws = [quantize_weight(torch.randn(n, k)) for _ in range(3)]
+    x = torch.randn(m, k).half()
+    bs = [torch.randn(n).half() for _ in range(3)]
+    for bias in (bs, None):
+        ys = triton_gemv.int8_gemv_many(x.to(dev), [q.to(dev) for q, _ in ws], [s.to(dev) for _, s in ws],
+                                        None if bias is None else [b.to(dev) for b in bias])
+        for (q, s), b, y in zip(ws, bias or [None] * 3, ys):
+            assert y.shape == (m, n) and y.dtype == torch.float16
+            ref = F.linear(x.double(), q.double() * s.double()[:, None], None if b is None else b.double())
+            worst["many"] = max(worst["many"], err(y, ref))
+for d in (96, 1000, 4096):
+    x = (torch.randn(5, d) * 100).half()
+    h = (torch.randn(5, d) * 100).half()
+    x[1, 3], h[1, 3] = 65000, 65000  # row 1 overflows fp16
+    w = torch.rand(d).half() + 0.5
+    s_ref = x + h
+    s_ref[1] = s_ref[1].clamp(-triton_norm.FP16_CLAMP, triton_norm.FP16_CLAMP)  # only the row with an inf
+    y_ref = triton_norm.reference(s_ref, w, 1e-6)
+    s, y = triton_norm.residual(x.to(dev), h.to(dev), w.to(dev), 1e-6)
+    assert torch.equal(s.cpu(), s_ref), "the clamped sum differs"
+    assert float(s[1].abs().max()) == triton_norm.FP16_CLAMP and float(s[0].abs().max()) < 1000
+    worst["norm"] = max(worst["norm"], err(y, y_ref))
+    s2, none = triton_norm.residual(x.to(dev), h.to(dev))
+    assert none is None and torch.equal(s2.cpu(), s_ref)
+print("worst", worst)
+"""
+
+
+def _fused_worst(out):
+    assert out.returncode == 0, out.stderr[-2000:]
+    worst = eval(out.stdout.split("worst")[1])  # a dict literal printed by the check
+    assert worst["many"] < 1e-3, worst  # fp16 output rounding
+    assert worst["norm"] < 1e-3, worst  # one fp16 rounding step at most
+
+
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernels instead")
+def test_fused_kernels_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    _fused_worst(subprocess.run([sys.executable, "-c", FUSED_CHECK.format(device="cpu")],
+                                capture_output=True, text=True, env=env, timeout=600))
+
+
+@pytest.mark.gpu
+def test_fused_kernels_on_gpu():
+    _fused_worst(subprocess.run([sys.executable, "-c", FUSED_CHECK.format(device="cuda")],
+                                capture_output=True, text=True, timeout=300))
+
+
+def test_fused_entry_points_fall_back_off_gpu():
+    from bminf.kernels import int8_gated_gelu, int8_linear_group
+    from bminf.quantization import QuantizedLinear
+    torch.manual_seed(0)
+    lins = [QuantizedLinear(torch.nn.Linear(16, 8)) for _ in range(3)]
+    x = torch.randn(2, 16)
+    for y, lin in zip(int8_linear_group(x, lins), lins):
+        assert torch.equal(y, lin(x))
+    a, g = (QuantizedLinear(torch.nn.Linear(16, 8, bias=False)) for _ in range(2))
+    assert torch.equal(int8_gated_gelu(x, a, g), F.gelu(a(x), approximate="tanh") * g(x))

@@ -3,14 +3,15 @@
 ``int8_linear`` is the only entry point the rest of the package calls. The portable path below
 is plain PyTorch; faster device kernels plug in here without touching callers.
 """
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpm_kernels_bridge, triton_int8, w8a8
+from . import cpm_kernels_bridge, triton_gemv, triton_int8, w8a8
 
-__all__ = ["int8_linear"]
+__all__ = ["int8_linear", "int8_linear_group", "int8_gated_gelu"]
 
 
 class _FusedInt8Linear(torch.autograd.Function):
@@ -51,3 +52,63 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         return w8a8.int8_linear(x, weight, scale, bias)
     w = weight * scale.to(x.dtype)[:, None]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _one_launch(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
+    """Whether these int8 linears (``QuantizedLinear``s of one shape) can run on ``x`` as one GEMV
+    launch: decode rows on CUDA where the Triton kernel applies. Chosen by device, dtype and shape
+    alone, never by grad mode (see ``int8_linear``)."""
+    if x.dim() == 0 or x.numel() // max(x.shape[-1], 1) > triton_gemv.MAX_ROWS:
+        return False
+    first = linears[0]
+    for lin in linears:
+        weight = getattr(lin, "weight", None)
+        if (weight is None or weight.dtype != torch.int8 or getattr(lin, "scale", None) is None
+                or weight.shape != first.weight.shape or (lin.bias is None) != (first.bias is None)):
+            return False
+        if not triton_int8.supports(x, weight):
+            return False
+    return True
+
+
+class _GroupInt8Linear(torch.autograd.Function):
+    """``int8_gemv_many``'s forward; the input and bias gradients from the dequantized weights."""
+
+    @staticmethod
+    def forward(ctx, n: int, x, *params):
+        weights, scales, biases = params[:n], params[n:2 * n], params[2 * n:]
+        ctx.n, ctx.has_bias = n, bool(biases)
+        ctx.save_for_backward(*weights, *scales)
+        return tuple(triton_gemv.int8_gemv_many(x, weights, scales, biases or None))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n, saved = ctx.n, ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            for g, w, s in zip(grads, saved[:n], saved[n:]):
+                if g is not None:
+                    term = g @ (w.to(g.dtype) * s.to(g.dtype)[:, None])
+                    grad_x = term if grad_x is None else grad_x + term
+        grad_b = [g.reshape(-1, g.shape[-1]).sum(0) if g is not None and ctx.needs_input_grad[2 + 2 * n + i] else None
+                  for i, g in enumerate(grads)] if ctx.has_bias else []
+        return (None, grad_x, *([None] * 2 * n), *grad_b)
+
+
+def int8_linear_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> List[torch.Tensor]:
+    """``[lin(x) for lin in linears]`` for up to three int8 linears of one shape on one input
+    (attention's q/k/v): one kernel launch on CUDA for a few rows, the modules one by one elsewhere."""
+    if 0 < len(linears) <= triton_gemv.MAX_GROUP and _one_launch(x, linears):
+        weights, scales = [lin.weight for lin in linears], [lin.scale for lin in linears]
+        biases = [lin.bias for lin in linears] if linears[0].bias is not None else []
+        if torch.is_grad_enabled() and (x.requires_grad or any(b.requires_grad for b in biases)):
+            return list(_GroupInt8Linear.apply(len(linears), x, *weights, *scales, *biases))
+        return triton_gemv.int8_gemv_many(x, weights, scales, biases or None)  # the same, without autograd
+    return [lin(x) for lin in linears]
+
+
+def int8_gated_gelu(x: torch.Tensor, linear_in: nn.Module, linear_gated: nn.Module) -> torch.Tensor:
+    """``gelu_tanh(linear_in(x)) * linear_gated(x)`` (T5 v1.1's feed-forward input), both linears in
+    one kernel launch where ``int8_linear_group`` allows."""
+    a, g = int8_linear_group(x, (linear_in, linear_gated))
+    return F.gelu(a, approximate="tanh") * g

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import int8_linear_group
 from .kv_cache import CrossLayerKV, LayerKV
 
 
@@ -37,12 +38,13 @@ class Attention(nn.Module):
         plus any position bias. Self-attention reads keys from ``x`` (and ``kv``, the layer's cache);
         cross-attention from ``source`` (batch, T, d_model), or from ``cross_kv`` once it is filled.
         """
-        q = self._heads(self.project_q(x))
         if source is None and cross_kv is None:
-            k, v = self.project_kv(x)
+            # self-attention: q, k and v in one kernel launch when decoding int8 on CUDA
+            q, k, v = (self._heads(t) for t in int8_linear_group(x, (self.project_q, self.project_k, self.project_v)))
             if kv is not None:
                 k, v = kv.update(k, v)
         else:
+            q = self._heads(self.project_q(x))
             stored = cross_kv.get() if cross_kv is not None else None
             if stored is None:
                 if source is None:

@@ -1,0 +1,52 @@
+"""The Triton kernel of ``triton_gemv`` (imported on first use: it imports triton)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, M, N, K,
+              GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # x (M, K); GROUP int8 weights (N, K) with scales (N,), biases (N,) and outputs (M, N): program p
+    # does BLOCK_N rows of linear p // blocks. EVEN: the tiles divide N and K (no masks on w).
+    blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    rn = (pid % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    which = pid // blocks
+    w_ptr, s_ptr, b_ptr, y_ptr = w0, s0, b0, y0
+    if GROUP > 1:
+        if which == 1:
+            w_ptr, s_ptr, b_ptr, y_ptr = w1, s1, b1, y1
+    if GROUP > 2:
+        if which == 2:
+            w_ptr, s_ptr, b_ptr, y_ptr = w2, s2, b2, y2
+    # partial sums over (rows of x, BLOCK_N, BLOCK_K), summed over K once after the loop; the int8
+    # tile is widened through fp16 (faster than straight to fp32 on an H200), exact either way
+    if BLOCK_M == 1:  # decode at batch 1: a 2-D accumulator, x one vector
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # pipelined num_stages deep (a launch option)
+        kk = k0 + rk
+        if EVEN:
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :])
+        else:
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0)
+        w = w.to(tl.float16).to(tl.float32)
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            acc += x[None, :] * w
+        else:
+            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk < K)[None, :], other=0.0)
+            acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+    if BLOCK_M == 1:
+        out = tl.sum(acc, axis=1)[None, :]
+    else:
+        out = tl.sum(acc, axis=2)
+    out *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y0.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
