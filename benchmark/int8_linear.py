@@ -6,7 +6,13 @@
 For each weight shape of a CPM-2 block it times, on one GPU, ``x @ W.T`` for a (rows, in) fp16 ``x``:
 fp16 ``F.linear`` (the resident fp16 baseline), the portable int8 path (dequantize, then cuBLAS) and
 the Triton int8 kernel, and prints the weight bytes read per second against the HBM read ceiling
-measured in the same run (``torch.sum`` over 2 GiB).
+measured in the same run (``torch.sum`` over 2 GiB). For 1-4 rows it also times the launches that do
+more than one linear: attention's q/k/v in one launch, and T5's two feed-forward inputs in one
+launch (then the GELU and the product), against separate launches.
+
+Each timed call reads another copy of the weight, the copies together larger than L2 (50 MB on an
+H100/H200), as a decode step reads every weight once: timing one weight over and over would read it
+from L2 after the first call.
 """
 import argparse
 import itertools
@@ -19,6 +25,7 @@ from bminf.kernels import triton_gemv, triton_int8
 from bminf.quantization import quantize_weight
 
 MODELS = {"cpm2": (4096, 10240), "cpm1": (2560, 10240), "eva": (2048, 5120)}  # d_model, d_ff
+ROTATE_BYTES = 256 << 20  # the copies a timing cycles through: five times L2
 
 
 def shapes(model):
@@ -26,27 +33,23 @@ def shapes(model):
     return {f"{model} attention q/k/v/o": (d, d), f"{model} ffn in/gated": (f, d), f"{model} ffn out": (d, f)}
 
 
-def sweep(x, q, s):
-    """Best (BLOCK_N, BLOCK_K, num_warps) of the GEMV for this problem, and its time."""
-    best = (float("inf"), None)
-    for bn, bk, warps in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048, 4096), (4, 8)):
-        if bn * bk > 64 * 32 * warps:  # the accumulator would spill registers
-            continue
-        us = bench(lambda: triton_gemv.int8_gemv(x, q, s, tiles=(bn, bk, warps)), reps=20)
-        best = min(best, (us, (bn, bk, warps)))
-    return best
+def copies(make, nbytes: int):
+    """Enough copies of ``make()`` that together they exceed ``ROTATE_BYTES``."""
+    return [make() for _ in range(max(2, -(-ROTATE_BYTES // nbytes)))]
 
 
-def bench(fn, reps=50):
-    """GPU microseconds per call: ``reps`` calls captured in one CUDA graph and replayed, so the
-    host's launch cost (tens of microseconds for a Triton kernel) does not hide the kernel's."""
-    for _ in range(3):
-        fn()
+def bench(fn, n: int = 1, reps: int = 48) -> float:
+    """GPU microseconds per call of ``fn(i)``, ``i`` cycling over ``n`` weight copies: calls captured
+    in one CUDA graph and replayed, so the host's launch cost (tens of microseconds for a Triton
+    kernel) does not hide the kernel's."""
+    reps = max(reps, n)
+    for i in range(3):
+        fn(i % n)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+        for i in range(reps):
+            fn(i % n)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -57,9 +60,20 @@ def bench(fn, reps=50):
     return start.elapsed_time(end) / (5 * reps) * 1e3  # microseconds
 
 
+def sweep(x, qs, s):
+    """Best (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV for this problem, and its time."""
+    best = (float("inf"), None)
+    for bn, bk, warps, stages in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4,), (1, 2, 3)):
+        if bn * bk > 64 * 32 * warps:  # the accumulator would spill registers
+            continue
+        us = bench(lambda i: triton_gemv.int8_gemv(x, qs[i], s, tiles=(bn, bk, warps, stages)), len(qs))
+        best = min(best, (us, (bn, bk, warps, stages)))
+    return best
+
+
 def hbm_read_gbs():
     t = torch.empty(1 << 30, dtype=torch.float16, device="cuda").uniform_()
-    return t.numel() * 2 / bench(lambda: t.sum(), reps=10) / 1e3
+    return t.numel() * 2 / bench(lambda i: t.sum(), reps=10) / 1e3
 
 
 def main():
@@ -75,29 +89,57 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; HBM read ceiling {ceiling:.0f} GB/s")
     results = {"device": torch.cuda.get_device_name(), "hbm_read_gbs": ceiling, "cases": []}
     table = {}
-    for name, (n, k) in {k: v for m in args.models for k, v in shapes(m).items()}.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        q, s = quantize_weight(w)
-        for rows in args.rows:
-            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
-            times = {
-                "fp16 F.linear": bench(lambda: F.linear(x, w)),
-                "int8 portable": bench(lambda: F.linear(x, q * s.to(x.dtype)[:, None])),
-                "int8 triton": bench(lambda: triton_int8.int8_linear(x, q, s)),
-                **{f"int8 triton K{bk}": bench(lambda: triton_int8.int8_linear(x, q, s, block_k=bk))
-                   for bk in args.block_k},
-            }
-            if args.sweep and rows <= triton_gemv.MAX_ROWS:
-                us, tiles = sweep(x, q, s)
-                times[f"int8 gemv best {tiles}"] = us
-                if rows == 1:
-                    table[(n, k)] = tiles
-            for kernel, us in times.items():
-                nbytes = n * k * (2 if kernel.startswith("fp16") else 1)
-                gbs = nbytes / us / 1e3
-                print(f"{name:18s} {n}x{k} rows={rows:3d} {kernel:18s} {us:8.1f} us {gbs:7.0f} GB/s "
-                      f"({100 * gbs / ceiling:3.0f}% of HBM read)")
-                results["cases"].append(dict(shape=[n, k], rows=rows, kernel=kernel, us=us, gbs=gbs))
+
+    def show(name, n, k, rows, kernel, us, nbytes):
+        gbs = nbytes / us / 1e3
+        print(f"{name:22s} {n}x{k} rows={rows:3d} {kernel:34s} {us:8.1f} us {gbs:7.0f} GB/s "
+              f"({100 * gbs / ceiling:3.0f}% of HBM read)", flush=True)
+        results["cases"].append(dict(name=name, shape=[n, k], rows=rows, kernel=kernel, us=us, gbs=gbs))
+
+    for model in args.models:
+        for name, (n, k) in shapes(model).items():
+            ws = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5, 2 * n * k)
+            qs = [quantize_weight(w)[0] for w in ws[:max(2, -(-ROTATE_BYTES // (n * k)))]]
+            s = quantize_weight(ws[0])[1]
+            for rows in args.rows:
+                x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+                times = {
+                    "fp16 F.linear": (bench(lambda i: F.linear(x, ws[i]), len(ws)), 2),
+                    "int8 portable": (bench(lambda i: F.linear(x, qs[i] * s.to(x.dtype)[:, None]), len(qs)), 1),
+                    "int8 triton": (bench(lambda i: triton_int8.int8_linear(x, qs[i], s), len(qs)), 1),
+                    **{f"int8 triton K{bk}": (bench(lambda i: triton_int8.int8_linear(x, qs[i], s, block_k=bk),
+                                                    len(qs)), 1) for bk in args.block_k},
+                }
+                if args.sweep and rows <= triton_gemv.MAX_ROWS:
+                    us, tiles = sweep(x, qs, s)
+                    times[f"int8 gemv best {tiles}"] = (us, 1)
+                    if rows == 1:
+                        table[(n, k)] = tiles
+                for kernel, (us, width) in times.items():
+                    show(name, n, k, rows, kernel, us, n * k * width)
+                if rows > triton_gemv.MAX_ROWS or n != k and "in/gated" not in name:
+                    continue
+                m = len(qs) // 3 * 3 if len(qs) >= 3 else 3
+                qs3 = qs * 3 if len(qs) < 3 else qs[:m]
+                if n == k:  # attention: q, k and v of one layer
+                    one = bench(lambda i: triton_gemv.int8_gemv_many(x, qs3[3 * i:3 * i + 3], [s] * 3), m // 3)
+                    three = bench(lambda i: [triton_gemv.int8_gemv(x, q, s) for q in qs3[3 * i:3 * i + 3]], m // 3)
+                    show(name, n, k, rows, "q/k/v in one launch", one, 3 * n * k)
+                    show(name, n, k, rows, "q/k/v in three launches", three, 3 * n * k)
+                else:  # T5's feed-forward inputs: both linears in one launch, then the GELU and product
+                    pairs = len(qs) // 2
+
+                    def gated(i, together):
+                        if together:
+                            a, g = triton_gemv.int8_gemv_many(x, qs[2 * i:2 * i + 2], [s, s])
+                        else:
+                            a, g = triton_gemv.int8_gemv(x, qs[2 * i], s), triton_gemv.int8_gemv(x, qs[2 * i + 1], s)
+                        return F.gelu(a, approximate="tanh") * g
+
+                    show(name, n, k, rows, "gelu(in) * gated, one GEMV launch", bench(lambda i: gated(i, True), pairs),
+                         2 * n * k)
+                    show(name, n, k, rows, "gelu(in) * gated, two GEMV launches",
+                         bench(lambda i: gated(i, False), pairs), 2 * n * k)
     if table:
         print("TABLE =", {k: table[k] for k in sorted(table)})
         results["gemv_table"] = {f"{n}x{k}": v for (n, k), v in table.items()}
