@@ -19,9 +19,9 @@ cache, so both paths share one state. Off CUDA, with ``use_graphs=False``, or wh
 from host memory (``TransformerBlockList`` under a budget) or span several GPUs, the same static
 step runs eagerly: that path is what the CPU tests check against the model's eager ``decode``.
 
-Measured on an H200 (benchmark/results/h200_cpm2_decoder.json, CPM-2, batch 1): 250 tokens/s
-(4.0 ms/step, 0.77 ms of it on the host) against 16.9 for the eager step; capturing the three
-buckets of a 256-token cache takes ~1.5 s on first use.
+Measured on an H200 (benchmark/results/h200_cpm2_decoder.json, CPM-2, batch 1): 308 tokens/s
+(3.25 ms/step, 0.62 ms of it on the host) against 9-17 for the eager step (host-bound, so it varies
+with the machine's CPU); capturing the three buckets of a 256-token cache takes ~1.5 s on first use.
 
 Numerics: a graph step runs the same modules as the eager step; it differs only in attending over
 masked padding (exactly zero weight, but other kernel tilings) and, on CUDA, in using the fused int8
