@@ -46,11 +46,12 @@ def test_triton_kernel_in_the_interpreter():
 
 
 @pytest.mark.gpu
-def test_triton_kernel_on_gpu():
+@pytest.mark.parametrize("widen", ["cvt", "prmt"])
+def test_triton_kernel_on_gpu(widen):
     if not triton_int8.available():
         pytest.skip("needs triton")
     out = subprocess.run([sys.executable, "-c", CHECK.format(shapes=SHAPES, device="cuda")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "BMINF_GEMV_WIDEN": widen})
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split("worst")[1]) < 1e-3
 
@@ -217,9 +218,22 @@ def test_fused_kernels_in_the_interpreter():
 
 
 @pytest.mark.gpu
-def test_fused_kernels_on_gpu():
-    _fused_worst(subprocess.run([sys.executable, "-c", FUSED_CHECK.format(device="cuda")],
-                                capture_output=True, text=True, timeout=300))
+@pytest.mark.parametrize("widen", ["cvt", "prmt"])
+def test_fused_kernels_on_gpu(widen):
+    _fused_worst(subprocess.run([sys.executable, "-c", FUSED_CHECK.format(device="cuda")], capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "BMINF_GEMV_WIDEN": widen}))
+
+
+def test_gemv_widen_setting_is_checked(monkeypatch):
+    from bminf.kernels import triton_gemv
+    triton_gemv.widen_by_permute.cache_clear()
+    monkeypatch.setenv("BMINF_GEMV_WIDEN", "fast")
+    with pytest.raises(ValueError, match="BMINF_GEMV_WIDEN must be 'cvt' or 'prmt', got 'fast'"):
+        triton_gemv.widen_by_permute()
+    monkeypatch.setenv("BMINF_GEMV_WIDEN", "prmt")
+    triton_gemv.widen_by_permute.cache_clear()
+    assert triton_gemv.widen_by_permute()
+    triton_gemv.widen_by_permute.cache_clear()
 
 
 def test_fused_entry_points_fall_back_off_gpu():

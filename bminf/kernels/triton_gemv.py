@@ -16,9 +16,13 @@ in one launch against 26.2 us in three, its two feed-forward inputs (with the GE
 after them) 32.0 us against 35.7. (Fusing the GELU and product into the same kernel, two
 accumulators per program, measured slower at CPM-2's size: 53.5 us against 43.1 for four kernels.)
 
-Widening int8 through fp16 (``cvt`` to f16, then f32) measured faster than straight to fp32 on the
-H200, as did a 2-D accumulator for one row and loads without masks where the tiles divide the
-shape: together 8.4/16.0/17.3 us on CPM-2's three shapes against 9.7/22.5/20.5 us before.
+int8 is widened to fp32 without conversion instructions, which on Hopper run at a quarter of the
+FMA rate, about the HBM byte rate: a byte permute puts ``v + 128`` under the exponent of 2^23 and
+one subtraction leaves ``v`` exactly (``gemv_kernels.WIDEN_PRMT``). On CPM-2's three shapes that
+took 8.1/14.6/13.5 us against 8.4/15.9/16.7 us through ``cvt`` to fp16 then fp32
+(``BMINF_GEMV_WIDEN=cvt``; benchmark/results/h200_int8_linear_widen.json), which was itself faster
+than straight to fp32; a 2-D accumulator for one row and loads without masks where the tiles
+divide the shape helped too (the first kernel took 9.7/22.5/20.5 us).
 
 Tiles come from ``config(m, n, k)``: a table for the shapes of CPM-1 (2560/10240), CPM-2 (4096/10240)
 and EVA (2048/5120), and a rule for other shapes. ``BMINF_GEMV_TABLE`` names a JSON file
@@ -37,8 +41,9 @@ MAX_GROUP = 3
 
 # (n, k) -> (BLOCK_N, BLOCK_K, num_warps, num_stages) for one row: the fastest of
 # benchmark/int8_linear.py --sweep on an H200 (2026-11-29, Triton 3.6), weights rotating through
-# more memory than L2 holds (benchmark/results/h200_gemv_table.json). CPM-2's shapes then read
-# 46-60% of HBM bandwidth (4096x4096 8.4 us, 10240x4096 16.0 us, 4096x10240 17.3 us).
+# more memory than L2 holds (benchmark/results/h200_gemv_table.json), widening by ``cvt``; with
+# the default byte-permute widening CPM-2's shapes read 48-72% of HBM bandwidth (4096x4096 8.1 us,
+# 10240x4096 14.6 us, 4096x10240 13.5 us). Not re-tuned for that widening yet.
 TABLE: Dict[Tuple[int, int], Tuple[int, int, int, int]] = {
     (4096, 4096): (2, 512, 4, 1), (10240, 4096): (4, 1024, 4, 1), (4096, 10240): (2, 2048, 4, 1),      # CPM-2
     (2560, 2560): (2, 512, 4, 1), (10240, 2560): (4, 512, 4, 2), (2560, 10240): (2, 1024, 4, 2),       # CPM-1
@@ -63,6 +68,17 @@ def _table() -> Dict[Tuple[int, int], Tuple[int, int, int, int]]:
             raise ValueError(f"BMINF_GEMV_TABLE={path!r}: expected a JSON file of {{\"NxK\": [BLOCK_N, BLOCK_K, "
                              f"num_warps, num_stages]}} ({e})") from None
     return table
+
+
+@functools.lru_cache(maxsize=None)
+def widen_by_permute() -> bool:
+    """Whether the kernel widens int8 by byte permutes (``prmt``, the default) rather than conversion
+    instructions (``BMINF_GEMV_WIDEN=cvt``); both give the same numbers."""
+    value = os.environ.get("BMINF_GEMV_WIDEN", "prmt")
+    if value not in ("cvt", "prmt"):
+        raise ValueError(f"BMINF_GEMV_WIDEN must be 'cvt' or 'prmt', got {value!r}")
+    # Triton's CPU interpreter (the tests' TRITON_INTERPRET=1) cannot run inline PTX
+    return value == "prmt" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +146,7 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
 
     grid = (cdiv(n, block_n) * len(weights),)
     kernel[grid](x2, *pad(weights), *pad(s), *pad(b), *pad(outs), m, n, k, GROUP=len(weights), HAS_BIAS=has_bias,
-                 EVEN=n % block_n == 0 and k % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                 EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                  num_stages=stages)
     return [y.reshape(*x.shape[:-1], n) for y in outs]
 
