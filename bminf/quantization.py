@@ -199,7 +199,24 @@ def quantize_(model: nn.Module, predicate: Optional[Callable[[str, nn.Linear], b
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and (predicate is None or predicate(full, child)):
                 setattr(module, child_name, QuantizedLinear.from_linear(child, full))
+    if not getattr(model, "_bminf_int8_guard", False) and not isinstance(model, QuantizedLinear):
+        model.register_load_state_dict_pre_hook(_refuse_float_into_int8)
+        model._bminf_int8_guard = True
     return model
+
+
+def _refuse_float_into_int8(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """Before ``load_state_dict`` loads anything: refuse float weights for any int8 layer. (Each
+    QuantizedLinear refuses its own too, but only when torch reaches it, after the modules before
+    it have loaded.)"""
+    for name, sub in module.named_modules():
+        if isinstance(sub, QuantizedLinear):
+            key = f"{prefix}{name}.weight" if name else f"{prefix}weight"
+            weight = state_dict.get(key)
+            if weight is not None and weight.dtype != torch.int8:
+                raise ValueError(f"{key}: a {weight.dtype} tensor cannot load into this int8 QuantizedLinear; "
+                                 "quantize it first (quantize_weight gives weight and scale) or load into the "
+                                 "float model and then quantize_ (nothing was loaded)")
 
 
 def _sibling(key: str, leaf: str) -> str:

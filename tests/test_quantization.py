@@ -192,6 +192,22 @@ def test_loading_float_weights_into_int8_refuses():
     net.load_state_dict(net.state_dict())  # int8 into int8 still loads
 
 
+def test_a_refused_load_leaves_every_module_as_it_was():
+    net = quantize_(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4), nn.Linear(4, 2)))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    donor = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        donor[0].weight.fill_(3.0)
+    with pytest.raises(ValueError, match=r"1\.weight: a torch\.float32 tensor .* \(nothing was loaded\)"):
+        net.load_state_dict(donor.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the LayerNorm too
+    outer = nn.Sequential(net)  # as a submodule, under a prefix
+    with pytest.raises(ValueError, match=r"0\.1\.weight"):
+        outer.load_state_dict({"0." + k: v for k, v in donor.state_dict().items()})
+    quantize_(net)  # a second quantize_ adds no second guard
+    assert len(net._load_state_dict_pre_hooks) == 1
+
+
 def test_dequantize_state_dict_of_a_bare_quantized_linear():
     layer = QuantizedLinear(nn.Linear(6, 3))
     plain = dequantize_state_dict(layer.state_dict())
