@@ -117,12 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _filled(text: str, blanks: list, color: bool) -> str:
-    out, start = [], 0
-    for blank in blanks:
-        out.append(text[start:blank["position"]])
-        out.append(f"\033[0;32m{blank['text']}\033[0m" if color else blank["text"])
-        start = blank["position"] + len("<span>")
-    return "".join(out) + text[start:]
+    from .models.cpm2 import fill_in
+    return fill_in(text, blanks, (lambda t: f"\033[0;32m{t}\033[0m") if color else None)
 
 
 def cmd_fill_blank(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 import bminf
+from bminf.models.cpm2 import fill_in
 
 TEXT = ("北京环球度假区相关负责人介绍，北京环球影城指定单日门票将采用<span>制度，即推出淡季日、平季日、"
         "旺季日和特定日门票。<span>价格为418元，<span>价格为528元，<span>价格为638元，<span>价格为"
@@ -16,13 +17,9 @@ TEXT = ("北京环球度假区相关负责人介绍，北京环球影城指定�
 
 
 def show(text: str, blanks: list, tty: bool) -> str:
-    """The text with each blank replaced, green on a terminal; unreached blanks stay underlined."""
-    out, start = [], 0
-    parts = text.split("<span>")
-    for i, part in enumerate(parts[:-1]):
-        fill = blanks[i]["text"] if i < len(blanks) else "____"
-        out.append(part + (f"\033[0;32m{fill}\033[0m" if tty else f"[{fill}]"))
-    return "".join(out) + parts[-1]
+    """The text with each blank replaced, green on a terminal, in brackets elsewhere; blanks not
+    filled yet show as ____."""
+    return fill_in(text, blanks, (lambda t: f"\033[0;32m{t}\033[0m") if tty else (lambda t: f"[{t}]"))
 
 
 def main() -> None:

@@ -367,3 +367,15 @@ def test_gpu_cuda_graphs_give_the_eager_text(dirs):
         assert graphed.graphed(1, 8) is not None and eager.graphed(1, 8) is None
         assert call(graphed) == call(eager)
         assert call(graphed) == call(graphed)  # replaying the kept decoder again
+
+
+def test_one_renderer_of_a_filled_text():
+    from bminf.models.cpm2 import fill_in
+    from bminf.serving.tasks import FilledText
+    text = "北京<span>的<span>。<span>"
+    blanks = [{"position": 2, "text": "天安门"}, {"position": 9, "text": "广场"}, {"position": 16, "text": "！"}]
+    assert fill_in(text, blanks) == "北京天安门的广场。！"
+    assert fill_in(text, blanks[:1], mark=lambda t: f"[{t}]") == "北京[天安门]的[____]。[____]"
+    streamed = FilledText(text, [b["position"] for b in blanks])  # the server's pieces join to the same text
+    assert "".join(streamed.piece((i, b["text"])) for i, b in enumerate(blanks)) + streamed.tail(3) == \
+        fill_in(text, blanks)

@@ -5,18 +5,32 @@
 [{'position': 15, 'text': '实名'}]
 """
 import re
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from ..generation import BlankRow, TextRow
 from ..tokenizers import CPM2Tokenizer
 from .pretrained import EncoderDecoder, Prepared, as_batch, check_text, vocab_file
 
-__all__ = ["CPM2", "SPAN", "MAX_SPANS"]
+__all__ = ["CPM2", "SPAN", "MAX_SPANS", "fill_in"]
 
 SPAN = "<span>"
 MAX_SPANS = 16
 _GENERATE_SENTINEL = 189  # CPM-2 continues text as one blank at the end, marked <s_189>
 _MARKER_LIKE = re.compile(r"<\s*/?\s*span\b[^<]*?>|<span(?!>)", re.IGNORECASE)
+
+
+def fill_in(text: str, blanks: Sequence[dict], mark: Optional[Callable[[str], str]] = None,
+            unfilled: str = "____") -> str:
+    """``text`` with each ``<span>`` replaced by its blank's text from ``fill_blank``'s result, passed
+    through ``mark`` (for colour or brackets); blanks beyond the result show ``unfilled``.
+
+    >>> fill_in("a<span>b<span>c", [{"position": 1, "text": "X"}], mark=lambda t: f"[{t}]")
+    'a[X]b[____]c'
+    """
+    mark = mark or (lambda t: t)
+    parts = text.split(SPAN)
+    out = [part + mark(blanks[i]["text"] if i < len(blanks) else unfilled) for i, part in enumerate(parts[:-1])]
+    return "".join(out) + parts[-1]
 
 
 def find_spans(text: str, positions=None, name: str = "input_sentence") -> List[int]:
