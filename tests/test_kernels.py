@@ -246,3 +246,24 @@ def test_fused_entry_points_fall_back_off_gpu():
         assert torch.equal(y, lin(x))
     a, g = (QuantizedLinear(torch.nn.Linear(16, 8, bias=False)) for _ in range(2))
     assert torch.equal(int8_gated_gelu(x, a, g), F.gelu(a(x), approximate="tanh") * g(x))
+
+
+def test_gemv_table_file_is_read_and_checked(monkeypatch, tmp_path):
+    from bminf.kernels import triton_gemv
+    cpu = torch.device("cpu")
+    good = tmp_path / "table.json"
+    good.write_text('{"96x80": [16, 64, 4], "4096x4096": [8, 256, 8, 3]}')
+    try:
+        monkeypatch.setenv("BMINF_GEMV_TABLE", str(good))
+        triton_gemv._table.cache_clear()
+        assert triton_gemv.config(1, 96, 80, cpu) == (1, 16, 64, 4, 2)  # three numbers: two stages
+        assert triton_gemv.config(1, 4096, 4096, cpu) == (1, 8, 256, 8, 3)
+        for bad in (tmp_path / "missing.json", tmp_path / "bad.json"):
+            if bad.name == "bad.json":
+                bad.write_text('{"96x80": [16, 64]}')
+            monkeypatch.setenv("BMINF_GEMV_TABLE", str(bad))
+            triton_gemv._table.cache_clear()
+            with pytest.raises(ValueError, match=r"BMINF_GEMV_TABLE=.*expected a JSON file"):
+                triton_gemv.config(1, 96, 80, cpu)
+    finally:
+        triton_gemv._table.cache_clear()
