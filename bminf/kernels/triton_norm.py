@@ -98,9 +98,8 @@ def residual(x: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor] = 
         return _residual_reference(x, h, weight, eps)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h, weight))):
         return _residual_kernel_call(x, h, weight, eps)  # the same numbers, without autograd's cost
-    if weight is None:
-        return _Residual.apply(x, h, eps), None
-    return _ResidualNorm.apply(x, h, weight, eps)
+    out = _Residual.apply(x, h, weight, eps)
+    return (out, None) if weight is None else out
 
 
 def _residual_reference(x, h, weight, eps):
@@ -122,30 +121,24 @@ def _reference_grads(needs, inputs, outputs_of, grads):
 
 
 class _Residual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, h, eps):
-        ctx.save_for_backward(x, h)
-        return _residual_kernel_call(x, h, None, eps)[0]
+    """The kernel's forward, ``s`` (and ``RMSNorm(s)`` given a weight); backward through the PyTorch
+    formula."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, h = ctx.saved_tensors
-        return (*_reference_grads(ctx.needs_input_grad[:2], (x, h), lambda a, b: (clamp_rows(a + b),), (grad,)), None)
-
-
-class _ResidualNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, weight, eps):
         ctx.save_for_backward(x, h, weight)
         ctx.eps = eps
-        return _residual_kernel_call(x, h, weight, eps)
+        s, y = _residual_kernel_call(x, h, weight, eps)
+        return s if weight is None else (s, y)
 
     @staticmethod
-    def backward(ctx, grad_s, grad_y):
+    def backward(ctx, *grads):
         x, h, weight = ctx.saved_tensors
-        grads = _reference_grads(ctx.needs_input_grad[:3], (x, h, weight), lambda a, b, w: _residual_reference(a, b, w, ctx.eps),
-                                 (grad_s, grad_y))
-        return (*grads, None)
+        if weight is None:
+            return (*_reference_grads(ctx.needs_input_grad[:2], (x, h), lambda a, b: (clamp_rows(a + b),), grads),
+                    None, None)
+        return (*_reference_grads(ctx.needs_input_grad[:3], (x, h, weight),
+                                  lambda a, b, w: _residual_reference(a, b, w, ctx.eps), grads), None)
 
 
 def _residual_kernel_call(x, h, weight, eps):
@@ -186,13 +179,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            x_, w_ = x.detach().requires_grad_(ctx.needs_input_grad[0]), weight.detach().requires_grad_(ctx.needs_input_grad[1])
-            out = reference(x_, w_, ctx.eps)
-            wanted = [t for t in (x_, w_) if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad)) if wanted else iter(())
-        return (next(grads) if ctx.needs_input_grad[0] else None,
-                next(grads) if ctx.needs_input_grad[1] else None, None)
+        return (*_reference_grads(ctx.needs_input_grad[:2], (x, weight), lambda a, w: (reference(a, w, ctx.eps),),
+                                  (grad,)), None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
