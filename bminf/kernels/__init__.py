@@ -26,9 +26,16 @@ class _FusedInt8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
-        grad_x = grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]) if ctx.needs_input_grad[1] else None
-        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        grad_x, grad_b = _linear_grads(grad, weight, scale, ctx.needs_input_grad[1],
+                                       ctx.has_bias and ctx.needs_input_grad[4])
         return None, grad_x, None, None, grad_b
+
+
+def _linear_grads(grad, weight, scale, want_x: bool, want_b: bool):
+    """Input and bias gradients of ``x @ (weight * scale[:, None]).T + bias``, from the dequantized weight."""
+    grad_x = grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]) if want_x else None
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if want_b else None
+    return grad_x, grad_b
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -84,15 +91,13 @@ class _GroupInt8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         n, saved = ctx.n, ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[1]:
-            for g, w, s in zip(grads, saved[:n], saved[n:]):
-                if g is not None:
-                    term = g @ (w.to(g.dtype) * s.to(g.dtype)[:, None])
-                    grad_x = term if grad_x is None else grad_x + term
-        grad_b = [g.reshape(-1, g.shape[-1]).sum(0) if g is not None and ctx.needs_input_grad[2 + 2 * n + i] else None
-                  for i, g in enumerate(grads)] if ctx.has_bias else []
-        return (None, grad_x, *([None] * 2 * n), *grad_b)
+        grad_x, grad_b = None, []
+        for i, (g, w, s) in enumerate(zip(grads, saved[:n], saved[n:])):  # unused outputs get zero grads
+            want_b = ctx.has_bias and ctx.needs_input_grad[2 + 2 * n + i]
+            gx, gb = _linear_grads(g, w, s, ctx.needs_input_grad[1], want_b)
+            grad_x = gx if grad_x is None else grad_x + gx
+            grad_b.append(gb)
+        return (None, grad_x, *([None] * 2 * n), *(grad_b if ctx.has_bias else []))
 
 
 def int8_linear_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> List[torch.Tensor]:
