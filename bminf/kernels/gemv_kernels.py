@@ -31,8 +31,8 @@ def widen(w, PRMT: tl.constexpr):
 
 @triton.jit
 def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, M, N, K,
-              GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PRMT: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PRMT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # x (M, K); GROUP int8 weights (N, K) with scales (N,), biases (N,) and outputs (M, N): program p
     # does BLOCK_N rows of linear p // blocks. EVEN: the tiles divide N and K (no masks on w).
     blocks = tl.cdiv(N, BLOCK_N)

@@ -51,6 +51,14 @@ TABLE: Dict[Tuple[int, int], Tuple[int, int, int, int]] = {
 }
 
 
+def _four(tiles, name: str) -> Tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` from three or four numbers (two stages if absent)."""
+    tiles = tuple(int(v) for v in tiles)
+    if len(tiles) not in (3, 4):
+        raise ValueError(f"{name}: {len(tiles)} numbers")
+    return tiles if len(tiles) == 4 else tiles + (2,)
+
+
 @functools.lru_cache(maxsize=None)
 def _table() -> Dict[Tuple[int, int], Tuple[int, int, int, int]]:
     table = dict(TABLE)
@@ -60,10 +68,7 @@ def _table() -> Dict[Tuple[int, int], Tuple[int, int, int, int]]:
             with open(path) as f:
                 entries = json.load(f)
             for key, tiles in entries.items():
-                tiles = tuple(int(v) for v in tiles)
-                if len(tiles) not in (3, 4):
-                    raise ValueError(f"{key}: {len(tiles)} numbers")
-                table[tuple(int(v) for v in key.split("x"))] = tiles if len(tiles) == 4 else tiles + (2,)
+                table[tuple(int(v) for v in key.split("x"))] = _four(tiles, key)
         except (OSError, ValueError, AttributeError, TypeError) as e:
             raise ValueError(f"BMINF_GEMV_TABLE={path!r}: expected a JSON file of {{\"NxK\": [BLOCK_N, BLOCK_K, "
                              f"num_warps, num_stages]}} ({e})") from None
@@ -134,8 +139,7 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
     m = x2.shape[0]
     block_m, block_n, block_k, warps, stages = config(m, n, k, x.device)
     if tiles is not None:
-        block_n, block_k, warps = tiles[:3]
-        stages = tiles[3] if len(tiles) > 3 else 2
+        block_n, block_k, warps, stages = _four(tiles, "tiles")
     outs = [torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in weights]
     has_bias = biases[0] is not None
     s = [t.contiguous() for t in scales]
@@ -146,8 +150,8 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
 
     grid = (cdiv(n, block_n) * len(weights),)
     kernel[grid](x2, *pad(weights), *pad(s), *pad(b), *pad(outs), m, n, k, GROUP=len(weights), HAS_BIAS=has_bias,
-                 EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                 num_stages=stages)
+                 EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), BLOCK_M=block_m,
+                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return [y.reshape(*x.shape[:-1], n) for y in outs]
 
 
