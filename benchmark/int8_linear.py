@@ -99,7 +99,7 @@ def main():
     for model in args.models:
         for name, (n, k) in shapes(model).items():
             ws = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5, 2 * n * k)
-            qs = [quantize_weight(w)[0] for w in ws[:max(2, -(-ROTATE_BYTES // (n * k)))]]
+            qs = copies(lambda: quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.float16))[0], n * k)
             s = quantize_weight(ws[0])[1]
             for rows in args.rows:
                 x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
@@ -119,27 +119,20 @@ def main():
                     show(name, n, k, rows, kernel, us, n * k * width)
                 if rows > triton_gemv.MAX_ROWS or n != k and "in/gated" not in name:
                     continue
-                m = len(qs) // 3 * 3 if len(qs) >= 3 else 3
-                qs3 = qs * 3 if len(qs) < 3 else qs[:m]
-                if n == k:  # attention: q, k and v of one layer
-                    one = bench(lambda i: triton_gemv.int8_gemv_many(x, qs3[3 * i:3 * i + 3], [s] * 3), m // 3)
-                    three = bench(lambda i: [triton_gemv.int8_gemv(x, q, s) for q in qs3[3 * i:3 * i + 3]], m // 3)
-                    show(name, n, k, rows, "q/k/v in one launch", one, 3 * n * k)
-                    show(name, n, k, rows, "q/k/v in three launches", three, 3 * n * k)
-                else:  # T5's feed-forward inputs: both linears in one launch, then the GELU and product
-                    pairs = len(qs) // 2
+                # attention's q, k and v of one layer; or T5's two feed-forward inputs, then GELU and product
+                size = 3 if n == k else 2
+                groups = [qs[i:i + size] for i in range(0, len(qs) - size + 1, size)]
 
-                    def gated(i, together):
-                        if together:
-                            a, g = triton_gemv.int8_gemv_many(x, qs[2 * i:2 * i + 2], [s, s])
-                        else:
-                            a, g = triton_gemv.int8_gemv(x, qs[2 * i], s), triton_gemv.int8_gemv(x, qs[2 * i + 1], s)
-                        return F.gelu(a, approximate="tanh") * g
+                def grouped(i, together):
+                    group = groups[i]
+                    outs = triton_gemv.int8_gemv_many(x, group, [s] * size) if together else \
+                        [triton_gemv.int8_gemv(x, q, s) for q in group]
+                    return outs if size == 3 else F.gelu(outs[0], approximate="tanh") * outs[1]
 
-                    show(name, n, k, rows, "gelu(in) * gated, one GEMV launch", bench(lambda i: gated(i, True), pairs),
-                         2 * n * k)
-                    show(name, n, k, rows, "gelu(in) * gated, two GEMV launches",
-                         bench(lambda i: gated(i, False), pairs), 2 * n * k)
+                what = "q/k/v in" if size == 3 else "gelu(in) * gated,"
+                for together, launches in ((True, "one launch"), (False, f"{size} launches")):
+                    show(name, n, k, rows, f"{what} {launches}", bench(lambda i: grouped(i, together), len(groups)),
+                         size * n * k)
     if table:
         print("TABLE =", {k: table[k] for k in sorted(table)})
         results["gemv_table"] = {f"{n}x{k}": v for (n, k), v in table.items()}
