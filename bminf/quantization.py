@@ -166,9 +166,7 @@ class QuantizedLinear(nn.Module):
         # Parameter.copy_ would truncate a float weight into int8 without a word
         weight, scale = state_dict.get(prefix + "weight"), state_dict.get(prefix + "scale")
         if weight is not None and weight.dtype != torch.int8:
-            raise ValueError(f"{prefix}weight: a {weight.dtype} tensor cannot load into this int8 QuantizedLinear; "
-                             "quantize it first (quantize_weight gives weight and scale) or load into the float "
-                             "model and then quantize_")
+            raise _float_into_int8(prefix + "weight", weight)
         if scale is not None and not scale.is_floating_point():
             raise ValueError(f"{prefix}scale: expected a float scale, got {scale.dtype}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -214,9 +212,13 @@ def _refuse_float_into_int8(module: nn.Module, state_dict, prefix: str, *args) -
             key = f"{prefix}{name}.weight" if name else f"{prefix}weight"
             weight = state_dict.get(key)
             if weight is not None and weight.dtype != torch.int8:
-                raise ValueError(f"{key}: a {weight.dtype} tensor cannot load into this int8 QuantizedLinear; "
-                                 "quantize it first (quantize_weight gives weight and scale) or load into the "
-                                 "float model and then quantize_ (nothing was loaded)")
+                raise _float_into_int8(key, weight, " (nothing was loaded)")
+
+
+def _float_into_int8(key: str, weight: torch.Tensor, note: str = "") -> ValueError:
+    return ValueError(f"{key}: a {weight.dtype} tensor cannot load into this int8 QuantizedLinear; quantize it "
+                      f"first (quantize_weight gives weight and scale) or load into the float model and then "
+                      f"quantize_{note}")
 
 
 def _sibling(key: str, leaf: str) -> str:
