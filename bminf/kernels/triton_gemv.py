@@ -4,7 +4,7 @@ A decode step multiplies one row (or a few) by every weight of the model once, s
 fast the int8 weight streams out of memory. ``tl.dot`` pads a single row to 16 and uses tensor cores
 for nothing; here each program instead owns ``BLOCK_N`` output features over the whole of K, widens
 its (BLOCK_N, BLOCK_K) int8 tile in registers, multiplies by the row(s) of ``x`` and accumulates in
-fp32, reducing over K once at the end. The row scale and bias are applied to the fp32 accumulator.
+fp32. The row scale and bias are applied to the fp32 accumulator.
 
 Measured on an H200 with weights that do not fit in L2 (``benchmark/int8_linear.py --sweep``), a
 launch costs a few microseconds of ramp-up and tail whatever its size, which is most of a 16 MB
@@ -21,8 +21,10 @@ FMA rate, about the HBM byte rate: a byte permute puts ``v + 128`` under the exp
 one subtraction leaves ``v`` exactly (``gemv_kernels.WIDEN_PRMT``). On CPM-2's three shapes that
 took 8.1/14.6/13.5 us against 8.4/15.9/16.7 us through ``cvt`` to fp16 then fp32
 (``BMINF_GEMV_WIDEN=cvt``; benchmark/results/h200_int8_linear_widen.json), which was itself faster
-than straight to fp32; a 2-D accumulator for one row and loads without masks where the tiles
-divide the shape helped too (the first kernel took 9.7/22.5/20.5 us).
+than straight to fp32; loads without masks where the tiles divide the shape helped too (the first
+kernel took 9.7/22.5/20.5 us). For one row, summing each tile's products over K as they come (an
+accumulator of BLOCK_N floats, so registers go to loads in flight) with the weight loaded
+``evict_first`` then took 6.5/12.5/13.1 us (60/78/75% of HBM read; h200_gemv_sweep2.log).
 
 Tiles come from ``config(m, n, k)``: a table for the shapes of CPM-1 (2560/10240), CPM-2 (4096/10240)
 and EVA (2048/5120), and a rule for other shapes. ``BMINF_GEMV_TABLE`` names a JSON file
@@ -39,15 +41,14 @@ import torch
 MAX_ROWS = 4
 MAX_GROUP = 3
 
-# (n, k) -> (BLOCK_N, BLOCK_K, num_warps, num_stages) for one row: the fastest of
-# benchmark/int8_linear.py --sweep on an H200 (2026-11-29, Triton 3.6), weights rotating through
-# more memory than L2 holds (benchmark/results/h200_gemv_table.json), widening by ``cvt``; with
-# the default byte-permute widening CPM-2's shapes read 48-72% of HBM bandwidth (4096x4096 8.1 us,
-# 10240x4096 14.6 us, 4096x10240 13.5 us). Not re-tuned for that widening yet.
+# (n, k) -> (BLOCK_N, BLOCK_K, num_warps, num_stages) for one row: the fastest in a sweep on an H200
+# (2026-11-29, Triton 3.6; benchmark/results/h200_gemv_sweep2.json), weights rotating through more
+# memory than L2 holds, widening by byte permutes. num_stages is 1: Triton pipelines only loads that
+# feed tl.dot, so it changes nothing here.
 TABLE: Dict[Tuple[int, int], Tuple[int, int, int, int]] = {
-    (4096, 4096): (2, 512, 4, 1), (10240, 4096): (4, 1024, 4, 1), (4096, 10240): (2, 2048, 4, 1),      # CPM-2
-    (2560, 2560): (2, 512, 4, 1), (10240, 2560): (4, 512, 4, 2), (2560, 10240): (2, 1024, 4, 2),       # CPM-1
-    (2048, 2048): (2, 1024, 4, 2), (5120, 2048): (4, 512, 4, 2), (2048, 5120): (2, 1024, 4, 1),        # EVA
+    (4096, 4096): (2, 2048, 2, 1), (10240, 4096): (4, 1024, 2, 1), (4096, 10240): (2, 2048, 2, 1),     # CPM-2
+    (2560, 2560): (2, 512, 2, 1), (10240, 2560): (4, 512, 2, 1), (2560, 10240): (2, 2048, 2, 1),       # CPM-1
+    (2048, 2048): (2, 2048, 4, 1), (5120, 2048): (2, 2048, 2, 1), (2048, 5120): (1, 1024, 4, 1),       # EVA
 }
 
 
