@@ -267,3 +267,64 @@ def test_gemv_table_file_is_read_and_checked(monkeypatch, tmp_path):
                 triton_gemv.config(1, 96, 80, cpu)
     finally:
         triton_gemv._table.cache_clear()
+
+
+# attention for one query row, and a graphed step's store-and-attend, against the formula in float64
+ATTENTION_CHECK = """
+import torch
+from bminf.kernels import triton_attention
+torch.manual_seed(0)
+dev = "{device}"
+worst = 0.0
+def formula(q, k, v, bias, scale):
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale + bias.double()
+    return s.softmax(-1) @ v.double()
+def err(y, ref):
+    return float((y.cpu().double() - ref.cpu().double()).abs().max() / ref.cpu().double().abs().max())
+for b, h, d, t, scale in [(1, 4, 64, 64, 1.0), (2, 3, 80, 200, 80 ** -0.5), (3, 2, 16, 300, 0.25)]:
+    q, k, v = (torch.randn(b, h, n, d).half() for n in (1, t, t))
+    pos_bias = torch.randn(1, h, 1, t)
+    allowed = torch.rand(b, 1, 1, t) > 0.3
+    allowed[..., 0] = True
+    for bias in (pos_bias + torch.where(allowed, 0.0, -30000.0), torch.where(allowed, 0.0, -30000.0)):
+        bias = bias.half()
+        y = triton_attention.attend_one(q.to(dev), k.to(dev), v.to(dev), bias.to(dev), scale)
+        assert y.shape == (b, h, 1, d) and y.dtype == torch.float16
+        worst = max(worst, err(y, formula(q, k, v, bias, scale)))
+    # the graphed step: store the new key/value at pos, attend over the first `length` positions
+    length, pos = t - 7, t - 9
+    kc, vc = k.clone().to(dev), v.clone().to(dev)
+    kn, vn = torch.randn(b, h, 1, d).half(), torch.randn(b, h, 1, d).half()
+    y = triton_attention.attend_and_store(q.to(dev), kc, vc, bias[..., :length].to(dev), scale, length,
+                                          kn.to(dev), vn.to(dev), torch.tensor([pos], device=dev))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, pos], v2[:, :, pos] = kn[:, :, 0], vn[:, :, 0]
+    assert torch.equal(kc.cpu(), k2) and torch.equal(vc.cpu(), v2), "the cache was not written at pos alone"
+    worst = max(worst, err(y, formula(q, k2[:, :, :length], v2[:, :, :length], bias[..., :length], scale)))
+# gradients come from PyTorch's attention, recomputed
+q, k, v = (torch.randn(2, 3, n, 32, dtype=torch.half, device=dev, requires_grad=True) for n in (1, 50, 50))
+bias = torch.zeros(2, 1, 1, 50, dtype=torch.half, device=dev)
+g = torch.randn(2, 3, 1, 32, dtype=torch.half, device=dev)
+got = torch.autograd.grad(triton_attention.attend_one(q, k, v, bias, 0.5), (q, k, v), g)
+want = torch.autograd.grad(triton_attention.reference(q, k, v, bias, 0.5), (q, k, v), g)
+assert all(torch.equal(a, w) for a, w in zip(got, want))
+print("worst", worst)
+"""
+
+
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
+def test_decode_attention_kernel_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", ATTENTION_CHECK.format(device="cpu")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("worst")[1]) < 2e-3  # fp16 inputs and output rounding
+
+
+@pytest.mark.gpu
+def test_decode_attention_kernel_on_gpu():
+    out = subprocess.run([sys.executable, "-c", ATTENTION_CHECK.format(device="cuda")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("worst")[1]) < 2e-3

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import attention, triton_attention
 from ..kernels.triton_int8 import always_fused
 from ..layers import additive_mask
 
@@ -58,6 +59,13 @@ class StaticLayerKV:
         self.k.index_copy_(2, self.pos, k)
         self.v.index_copy_(2, self.pos, v)
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        # on CUDA one kernel stores the new key/value and attends (three kernels apart)
+        if triton_attention.supports(q, self.k, self.v):
+            return triton_attention.attend_and_store(q, self.k, self.v, bias, scale, self.length, k, v, self.pos)
+        return attention(q, *self.update(k, v), bias, scale)
 
 
 def buckets_for(max_length: int, smallest: int = 64) -> List[int]:

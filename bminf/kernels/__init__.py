@@ -1,7 +1,8 @@
 """Device kernels behind one small interface.
 
-``int8_linear`` is the only entry point the rest of the package calls. The portable path below
-is plain PyTorch; faster device kernels plug in here without touching callers.
+``int8_linear`` (with its grouped forms) and ``attention`` are the entry points the rest of the
+package calls. The portable path below is plain PyTorch; faster device kernels plug in here without
+touching callers.
 """
 from typing import List, Optional, Sequence
 
@@ -9,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpm_kernels_bridge, triton_gemv, triton_int8, w8a8
+from . import cpm_kernels_bridge, triton_attention, triton_gemv, triton_int8, w8a8
 
-__all__ = ["int8_linear", "int8_linear_group", "int8_gated_gelu"]
+__all__ = ["attention", "int8_linear", "int8_linear_group", "int8_gated_gelu"]
 
 
 class _FusedInt8Linear(torch.autograd.Function):
@@ -117,3 +118,12 @@ def int8_gated_gelu(x: torch.Tensor, linear_in: nn.Module, linear_gated: nn.Modu
     one kernel launch where ``int8_linear_group`` allows."""
     a, g = int8_linear_group(x, (linear_in, linear_gated))
     return F.gelu(a, approximate="tanh") * g
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` for (batch, heads, seq, d_head) tensors and an additive
+    ``bias`` (mask and position bias): one query row on CUDA fp16 takes the Triton decode kernel,
+    everything else ``F.scaled_dot_product_attention``."""
+    if triton_attention.supports(q, k, v):
+        return triton_attention.attend_one(q, k, v, bias, scale)
+    return triton_attention.reference(q, k, v, bias, scale)

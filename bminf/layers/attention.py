@@ -2,9 +2,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..kernels import int8_linear_group
+from ..kernels import attention, int8_linear_group
 from .kv_cache import CrossLayerKV, LayerKV
 
 
@@ -41,8 +40,8 @@ class Attention(nn.Module):
         if source is None and cross_kv is None:
             # self-attention: q, k and v in one kernel launch when decoding int8 on CUDA
             q, k, v = (self._heads(t) for t in int8_linear_group(x, (self.project_q, self.project_k, self.project_v)))
-            if kv is not None:
-                k, v = kv.update(k, v)
+            # the cache stores this step's keys/values and attends over all of them
+            out = kv.attend(q, k, v, bias, self.scale) if kv is not None else attention(q, k, v, bias, self.scale)
         else:
             q = self._heads(self.project_q(x))
             stored = cross_kv.get() if cross_kv is not None else None
@@ -52,8 +51,7 @@ class Attention(nn.Module):
                 stored = self.project_kv(source)
                 if cross_kv is not None:
                     cross_kv.set(*stored)
-            k, v = stored
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+            out = attention(q, *stored, bias, self.scale)
         return self.linear_out(out.transpose(1, 2).flatten(2))
 
 

@@ -4,6 +4,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..kernels import attention
+
 
 def _per_layer(device, n_layers: int) -> list:
     devices = list(device) if isinstance(device, (list, tuple)) else [device] * n_layers
@@ -24,6 +26,11 @@ class LayerKV:
         self.k[:, :, self.start:end] = k
         self.v[:, :, self.start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Store this step's keys/values, then attend from ``q`` over every key so far."""
+        return attention(q, *self.update(k, v), bias, scale)
 
 
 class KVCache:

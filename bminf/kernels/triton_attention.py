@@ -1,0 +1,139 @@
+"""Attention for one query row (a decode step) as one Triton kernel for CUDA fp16.
+
+A decode step of CPM-2 attends 48 times with a single query per row, and each call to
+``F.scaled_dot_product_attention`` took ~6 us on an H200 (cuDNN's prefill kernel, its query tile
+mostly padding), against ~1 us of bytes to read at batch 1. Writing the step's new key and value
+into the cache was two more kernels per layer (``index_copy_``). Here one program per (row, head)
+streams that head's keys and values once, with an online softmax in fp32, and, for the cache of a
+graphed step, stores the new key and value at their position first: they are taken from registers,
+not read back, so no other program's store has to be waited for.
+
+Numerics: scores, softmax and the weighted sum in fp32 from fp16 inputs, the output rounded once to
+fp16; SDPA's kernels round the probabilities to fp16 before the second product, so results agree to
+fp16 rounding, not bit for bit (checked against PyTorch's formula in the tests).
+"""
+import functools
+import torch
+
+import torch.nn.functional as F
+
+from .triton_int8 import available
+from .triton_norm import _reference_grads
+
+MAX_D_HEAD = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, kn_ptr, vn_ptr, pos_ptr, H, L, D, scale,
+                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b, sb_h, sn_b, sn_h,
+                         WRITE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        # q (B, H, D), k/v (B, H, >= L, D) with strides, bias (B, H, L) with strides (0 where it
+        # broadcasts), o (B, H, D) contiguous; WRITE: the new kn/vn (B, H, D) go to position *pos_ptr
+        pid = tl.program_id(0)
+        b, h = pid // H, pid % H
+        rd = tl.arange(0, BLOCK_D)
+        d_ok = rd < D
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + rd, mask=d_ok, other=0.0).to(tl.float32) * scale
+        k_row = k_ptr + b * sk_b + h * sk_h
+        v_row = v_ptr + b * sv_b + h * sv_h
+        if WRITE:
+            pos = tl.load(pos_ptr)
+            kn = tl.load(kn_ptr + b * sn_b + h * sn_h + rd, mask=d_ok, other=0.0)
+            vn = tl.load(vn_ptr + b * sn_b + h * sn_h + rd, mask=d_ok, other=0.0)
+            tl.store(k_row + pos * sk_l + rd, kn, mask=d_ok)
+            tl.store(v_row + pos * sv_l + rd, vn, mask=d_ok)
+        m = tl.max(tl.full((BLOCK_L,), float("-inf"), tl.float32), axis=0)
+        total = tl.sum(tl.zeros((BLOCK_L,), tl.float32), axis=0)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            rl = l0 + tl.arange(0, BLOCK_L)
+            l_ok = rl < L
+            tile = l_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_row + rl[:, None] * sk_l + rd[None, :], mask=tile, other=0.0)
+            v = tl.load(v_row + rl[:, None] * sv_l + rd[None, :], mask=tile, other=0.0)
+            if WRITE:  # this step's key and value from registers (the stores above may not be visible yet)
+                here = (rl == pos)[:, None]
+                k = tl.where(here, kn[None, :], k)
+                v = tl.where(here, vn[None, :], v)
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+            s += tl.load(bias_ptr + b * sb_b + h * sb_h + rl, mask=l_ok, other=0.0).to(tl.float32)
+            s = tl.where(l_ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new)
+            total = total * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            m = m_new
+        tl.store(o_ptr + pid * D + rd, (acc / total).to(o_ptr.dtype.element_ty), mask=d_ok)
+
+    return decode_attention, triton.next_power_of_2
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel runs this: one query row per head, fp16 on CUDA, rows of d_head contiguous.
+    Chosen by device, dtype and shape alone, never by grad mode (see ``kernels.int8_linear``)."""
+    return (q.is_cuda and q.dtype == torch.float16 and q.dim() == 4 and q.shape[2] == 1 and q.shape[-1] <= MAX_D_HEAD
+            and k.dtype == v.dtype == q.dtype and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and available())
+
+
+def reference(q, k, v, bias, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+
+
+class _AttendOne(torch.autograd.Function):
+    """The kernel's forward; backward through PyTorch's attention, recomputed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.scale = scale
+        return _launch(q, k, v, bias, scale, k.shape[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = _reference_grads(ctx.needs_input_grad[:4], ctx.saved_tensors,
+                                 lambda q, k, v, b: (reference(q, k, v, b, ctx.scale),), (grad,))
+        return (*grads, None)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` for q (B, H, 1, D), k/v (B, H, T, D) and bias broadcastable
+    to (B, H, 1, T), as ``F.scaled_dot_product_attention`` computes it. Returns (B, H, 1, D)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+        return _AttendOne.apply(q, k, v, bias, scale)
+    return _launch(q, k, v, bias, scale, k.shape[2])
+
+
+def attend_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     length: int, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """A graphed decode step's self-attention: write ``new_k``/``new_v`` (B, H, 1, D) into the cache
+    k/v (B, H, T, D) at the position held in the one-element device tensor ``pos``, then attend over
+    the first ``length`` positions (bias broadcastable to (B, H, 1, length)). No autograd."""
+    return _launch(q, k, v, bias, scale, length, new_k, new_v, pos)
+
+
+def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None):
+    kernel, next_pow2 = _kernel()
+    batch, heads, _, d = q.shape
+    bias = bias.expand(batch, heads, 1, length)
+    if bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    out = torch.empty(batch, 1, heads, d, dtype=q.dtype, device=q.device)
+    write = new_k is not None
+    if write:
+        new_k, new_v = new_k.contiguous(), new_v.contiguous()
+    else:
+        new_k = new_v = q  # placeholders
+        pos = q
+    block_l = min(128, max(16, next_pow2(length)))
+    kernel[(batch * heads,)](q, k, v, bias, out, new_k, new_v, pos, heads, length, d, scale,
+                             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                             v.stride(0), v.stride(1), v.stride(2), bias.stride(0), bias.stride(1),
+                             new_k.stride(0), new_k.stride(1),
+                             WRITE=write, BLOCK_L=block_l, BLOCK_D=max(16, next_pow2(d)), num_warps=4)
+    return out.transpose(1, 2)  # (B, H, 1, D), a view of (B, 1, H, D): merging the heads is free
