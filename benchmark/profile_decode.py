@@ -3,7 +3,8 @@ count and time, next to the step's wall time from graph replay.
 
     python -m benchmark.profile_decode --preset cpm2 --batch-size 1 --json out.json
 
-The static step (what a CUDA graph records) is profiled eagerly, so every kernel appears with its
+The static step (what a CUDA graph records) is profiled eagerly, with the kernels a capture picks
+(``always_fused``: the fused int8 kernels for small weights too), so every kernel appears with its
 own GPU time; launch gaps are what the graph removes, and the graph's step time is timed apart.
 """
 import argparse
@@ -15,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bminf.generation.graphs import GraphedDecoder
+from bminf.kernels.triton_int8 import always_fused
 
 from .common import build_ours, config, free, machine
 from .runs import _ids, _ours_runner
@@ -58,7 +60,7 @@ def main() -> None:
                 del dec
                 free()
                 continue
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with always_fused(), profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.steps):
                     tok = step(tok)[:, -1:].argmax(-1)
                 torch.cuda.synchronize(device)

@@ -112,6 +112,22 @@ for d in (64, 100, 4096):
     gx, gw = torch.autograd.grad(y, (x, wd), g)
     rx, rw = torch.autograd.grad(ref, (x, wd), g)
     assert torch.equal(gx, rx) and torch.equal(gw, rw)  # backward is the PyTorch formula's
+# GPT's LayerNorm, alone and with the residual add before it
+for d in (64, 100, 2560):
+    x, h = ((torch.randn(3, 5, d) * 3).half().to("{device}").requires_grad_() for _ in range(2))
+    w, b = (torch.randn(d).half().to("{device}").requires_grad_() for _ in range(2))
+    y = triton_norm.layer_norm(x, w, b, 1e-5)
+    ref = torch.nn.functional.layer_norm(x.float(), (d,), w.float(), b.float(), 1e-5)
+    assert y.dtype == torch.float16
+    worst = max(worst, float((y.float() - ref).abs().max() / ref.abs().max()))
+    s, y = triton_norm.layer_norm(x, w, b, 1e-5, h)
+    s_ref, y_ref = triton_norm.layer_norm_reference(x, h, w, b, 1e-5)
+    assert torch.equal(s, s_ref), "the residual sum differs"
+    worst = max(worst, float((y.float() - y_ref.float()).abs().max() / y_ref.float().abs().max()))
+    g = torch.randn_like(y)
+    got = torch.autograd.grad((s, y), (x, h, w, b), (g, g))
+    want = torch.autograd.grad((s_ref, y_ref), (x, h, w, b), (g, g))
+    assert all(torch.equal(a, c) for a, c in zip(got, want))  # backward is F.layer_norm's
 print("worst", worst)
 """
 

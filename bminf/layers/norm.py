@@ -16,3 +16,15 @@ class RMSNorm(nn.Module):
         if triton_norm.supports(x):  # one fused kernel on CUDA (same rounding steps)
             return triton_norm.rms_norm(x, self.weight, self.eps)
         return triton_norm.reference(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and checkpoint keys) that runs as one Triton kernel on CUDA,
+    and can take the residual add before it into the same kernel (``add_and_norm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return triton_norm.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, h: torch.Tensor):
+        """``(x + h, self(x + h))``."""
+        return triton_norm.layer_norm(x, self.weight, self.bias, self.eps, h)

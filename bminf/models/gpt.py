@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import Attention, FeedForward, KVCache, additive_mask, causal_mask, check_cache_size, check_ids
+from ..layers import (Attention, FeedForward, KVCache, LayerNorm, additive_mask, causal_mask, check_cache_size,
+                      check_ids)
 from .config_checks import check_config_fields
 
 
@@ -43,14 +44,15 @@ class GPTBlock(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         d = config.d_model
-        self.ln_attn = nn.LayerNorm(d, eps=config.eps)
+        self.ln_attn = LayerNorm(d, eps=config.eps)
         self.self_attn = Attention(d, config.n_heads, config.d_head, bias=True, scale=1 / math.sqrt(config.d_head))
-        self.ln_ff = nn.LayerNorm(d, eps=config.eps)
+        self.ln_ff = LayerNorm(d, eps=config.eps)
         self.ff = FeedForward(d, config.d_ff, bias=True)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, kv=None) -> torch.Tensor:
-        x = x + self.self_attn(self.ln_attn(x), bias, kv)
-        return x + self.ff(self.ln_ff(x))
+        # x + attn, and the norm of that, in one kernel on CUDA
+        x, h = self.ln_ff.add_and_norm(x, self.self_attn(self.ln_attn(x), bias, kv))
+        return x + self.ff(h)
 
 
 class GPT(nn.Module):
@@ -71,7 +73,7 @@ class GPT(nn.Module):
         # declaration order follows BMInf's checkpoint tree
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position_embedding = nn.Embedding(config.max_positions, config.d_model)
-        self.layernorm = nn.LayerNorm(config.d_model, eps=config.eps)
+        self.layernorm = LayerNorm(config.d_model, eps=config.eps)
         self.layers = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layers))
 
     def new_cache(self, batch_size: int, max_length: Optional[int] = None, dtype=None, device=None) -> KVCache:
