@@ -8,13 +8,18 @@ streams that head's keys and values once, with an online softmax in fp32, and, f
 graphed step, stores the new key and value at their position first: they are taken from registers,
 not read back, so no other program's store has to be waited for.
 
+Measured on an H200 (benchmark/results/h200_run9_experiments.log, keys and values rotating through
+more memory than L2): CPM-2's shape, 256 keys, 5.0 us at batch 1 against SDPA's 7.5 (still bound by
+one program's load latency: 64 programs for 132 multiprocessors) and 35 us at batch 32 against 44.6
+(88% of HBM read bandwidth).
+
 Numerics: scores, softmax and the weighted sum in fp32 from fp16 inputs, the output rounded once to
 fp16; SDPA's kernels round the probabilities to fp16 before the second product, so results agree to
 fp16 rounding, not bit for bit (checked against PyTorch's formula in the tests).
 """
 import functools
-import torch
 
+import torch
 import torch.nn.functional as F
 
 from .triton_int8 import available
@@ -29,11 +34,12 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def decode_attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, kn_ptr, vn_ptr, pos_ptr, H, L, D, scale,
-                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b, sb_h, sn_b, sn_h,
+    def decode_attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, kn_ptr, vn_ptr, pos_ptr, H, L, scale,
+                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b, sb_h, sn_b, sn_h, D: tl.constexpr,
                          WRITE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
         # q (B, H, D), k/v (B, H, >= L, D) with strides, bias (B, H, L) with strides (0 where it
-        # broadcasts), o (B, H, D) contiguous; WRITE: the new kn/vn (B, H, D) go to position *pos_ptr
+        # broadcasts), o (B, H, D) contiguous; WRITE: the new kn/vn (B, H, D) go to position *pos_ptr.
+        # D is a constant so that a row of d_head below BLOCK_D (CPM-1's 80) still loads in vectors
         pid = tl.program_id(0)
         b, h = pid // H, pid % H
         rd = tl.arange(0, BLOCK_D)
@@ -117,7 +123,7 @@ def attend_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return _launch(q, k, v, bias, scale, length, new_k, new_v, pos)
 
 
-def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None):
+def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, block_l=None, warps=None):
     kernel, next_pow2 = _kernel()
     batch, heads, _, d = q.shape
     bias = bias.expand(batch, heads, 1, length)
@@ -130,10 +136,13 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None):
     else:
         new_k = new_v = q  # placeholders
         pos = q
-    block_l = min(128, max(16, next_pow2(length)))
-    kernel[(batch * heads,)](q, k, v, bias, out, new_k, new_v, pos, heads, length, d, scale,
+    # 256 keys per step: at batch 1 a program's loads are its whole latency (benchmark/results/
+    # h200_run9_experiments.log: CPM-2 5.0 us against 6.5 at 128, SDPA 7.5); 8 warps for d_head > 64
+    block_l = block_l or min(256, max(16, next_pow2(length)))
+    warps = warps or (8 if d > 64 else 4)
+    kernel[(batch * heads,)](q, k, v, bias, out, new_k, new_v, pos, heads, length, scale,
                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                              v.stride(0), v.stride(1), v.stride(2), bias.stride(0), bias.stride(1),
-                             new_k.stride(0), new_k.stride(1),
-                             WRITE=write, BLOCK_L=block_l, BLOCK_D=max(16, next_pow2(d)), num_warps=4)
+                             new_k.stride(0), new_k.stride(1), D=d,
+                             WRITE=write, BLOCK_L=block_l, BLOCK_D=max(16, next_pow2(d)), num_warps=warps)
     return out.transpose(1, 2)  # (B, H, 1, D), a view of (B, 1, H, D): merging the heads is free
