@@ -140,3 +140,24 @@ def test_cuda_graph_steps_match_eager_on_gpu(kind):
     for a, b in zip(eager, graphed):
         assert torch.equal(a.argmax(-1), b.argmax(-1))
         assert rel_err(b.float(), a.float()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_graphed_encoder_pads_to_a_bucket_and_matches_eager_on_gpu():
+    torch.manual_seed(0)
+    model = quantize_(tiny_t5()).cuda().half()
+    dec = GraphedDecoder(model, batch_size=2, max_length=8, max_source_length=100)
+    assert dec.source_buckets == [64, 100]
+    for n in (37, 64, 90):  # replayed from the 64 and 100 graphs, padded and masked past n
+        ids = torch.randint(0, model.config.vocab_size, (2, n), device="cuda")
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        mask[1, n // 2:] = False  # a padded row
+        with torch.no_grad():
+            eager = model.encode(ids, mask)
+        graphed = dec.encode(ids, mask)
+        assert graphed.shape == eager.shape
+        assert rel_err(graphed[0].float(), eager[0].float()) < 1e-2
+        assert rel_err(graphed[1, :n // 2].float(), eager[1, :n // 2].float()) < 1e-2
+    assert sorted(dec.encoders) == [64, 100]
+    with pytest.raises(ValueError, match="input_ids"):
+        dec.encode(torch.full((2, 5), model.config.vocab_size, device="cuda"))  # checked before any replay

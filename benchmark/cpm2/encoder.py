@@ -2,7 +2,9 @@
 
     python -m benchmark.cpm2.encoder --batch-size 1 8 --json cpm2_encoder.json
 
-Random weights of the real size (no checkpoint). See benchmark/common.py for what is timed.
+"bminf" is the encoder as the generation loop runs it (replayed from a CUDA graph, GraphedDecoder.encode),
+"bminf_eager" the same modules launched from Python. Random weights of the real size (no checkpoint).
+See benchmark/common.py for what is timed.
 """
 from ..runs import encoder_main
 

@@ -183,6 +183,11 @@ class T5(nn.Module):
                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encoder output (batch, seq, d_model) after the final norm."""
         x, mask = self._embed(input_ids, inputs_embeds, attention_mask, "input_ids")
+        return self.encode_embeddings(x, mask)
+
+    def encode_embeddings(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``encode`` from checked embeddings (batch, seq, d_model) and a bool mask (batch, seq):
+        device work only, no host syncs (what a CUDA graph records)."""
         pos = torch.arange(x.shape[1], device=x.device)
         # (batch, heads, seq, seq): relative bias plus key padding
         bias = self.position_bias_enc(pos, pos)[None].to(x.dtype) + additive_mask(mask, x.dtype)[:, None, None, :]
