@@ -214,6 +214,12 @@ for d in (96, 1000, 4096):
     worst["norm"] = max(worst["norm"], err(y, y_ref))
     s2, none = triton_norm.residual(x.to(dev), h.to(dev))
     assert none is None and torch.equal(s2.cpu(), s_ref)
+# the prefill path's dequantization: bit for bit torch's int8 * 16-bit product
+from bminf.kernels import triton_int8
+for n, k in [(5, 700), (40, 1030)]:
+    q, s = quantize_weight(torch.randn(n, k) * 100)
+    w = triton_int8.dequantize(q.to(dev), s.to(dev), torch.float16)
+    assert w.dtype == torch.float16 and torch.equal(w.cpu(), q * s.half()[:, None]), "dequantize differs"
 print("worst", worst)
 """
 

@@ -285,11 +285,13 @@ class GraphedDecoder:
         mask = torch.ones(self.batch_size, length, dtype=torch.bool, device=self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), always_fused():
+        # the kernels eager ``encode`` would pick (no always_fused): a prompt's rows are many, so the
+        # graph saves host time, not a choice of kernel, and the numbers stay the eager path's
+        with torch.cuda.stream(stream):
             self.model.encode_embeddings(emb, mask)  # compiles kernels, sets up cuBLAS
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with always_fused(), torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool):
             out = self.model.encode_embeddings(emb, mask)
         self.capture_s += time.perf_counter() - t
         return emb, mask, graph, out

@@ -87,6 +87,43 @@ def _kernel():
 
 
 @functools.lru_cache(maxsize=None)
+def _dequantize_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize(w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # y = w * s[:, None], each product in fp32 rounded once to y's dtype: what torch computes
+        # for an int8 tensor times a 16-bit one (the int8 widened exactly, the product in opmath)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = (rn < N)[:, None] & (rk < K)[None, :]
+        at = rn.to(tl.int64)[:, None] * K + rk[None, :]
+        w = tl.load(w_ptr + at, mask=ok, other=0, eviction_policy="evict_first").to(tl.float32)
+        s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + at, (w * s[:, None]).to(y_ptr.dtype.element_ty), mask=ok)
+
+    return dequantize, triton.cdiv
+
+
+def can_dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (weight.is_cuda and weight.dtype == torch.int8 and weight.dim() == 2 and weight.is_contiguous()
+            and dtype == torch.float16 and not scale.requires_grad and available())  # bf16: unchecked on a GPU
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight * scale.to(dtype)[:, None]`` bit for bit, in one kernel that reads each int8 byte once:
+    torch's mixed-dtype multiply ran at ~240 GB/s of int8 on an H200 (70 us for 4096x4096), most of
+    a 256-token CPM-2 encode."""
+    kernel, cdiv = _dequantize_kernel()
+    n, k = weight.shape
+    y = torch.empty(n, k, dtype=dtype, device=weight.device)
+    kernel[(cdiv(n, 16), cdiv(k, 512))](weight, scale.to(dtype).contiguous(), y, n, k, BLOCK_N=16, BLOCK_K=512,
+                                        num_warps=4)
+    return y
+
+
+@functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
