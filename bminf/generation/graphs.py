@@ -6,7 +6,8 @@ head) once and replays it with one launch. A graph replays fixed addresses and s
 is written against static state (llama2.c's ``RunState``, gpt-fast's static ``KVCache``):
 
 * the KV cache is the model's own preallocated cache, owned here and reused for every prompt;
-* the new token's keys/values go to a position held in a device tensor (``index_copy_``), and
+* the new token's keys/values go to a position held in a device tensor (``index_copy_``; on CUDA
+  the one-query attention kernel stores them as it attends), and
   attention runs over a fixed-length prefix of the buffer (a bucket: 64, 128, 256, ... tokens)
   with a mask, instead of slicing to the current length;
 * the mask and GPT's per-row positions are device tensors updated inside the graph;
@@ -19,9 +20,13 @@ cache, so both paths share one state. Off CUDA, with ``use_graphs=False``, or wh
 from host memory (``TransformerBlockList`` under a budget) or span several GPUs, the same static
 step runs eagerly: that path is what the CPU tests check against the model's eager ``decode``.
 
-Measured on an H200 (benchmark/results/h200_cpm2_decoder.json, CPM-2, batch 1): 308 tokens/s
-(3.25 ms/step, 0.62 ms of it on the host) against 9-17 for the eager step (host-bound, so it varies
-with the machine's CPU); capturing the three buckets of a 256-token cache takes ~1.5 s on first use.
+Measured on an H200 (benchmark/results/h200_cpm2_decoder_run10.json, CPM-2, batch 1): 408 tokens/s
+(2.45 ms/step, 0.47 ms of it on the host) against 16-40 for the eager step (host-bound, so it varies
+with the machine's CPU); capturing the buckets of a 256-token cache takes ~1.5 s on first use.
+
+T5's encoder is replayed from graphs too, one per prompt length padded (and masked) to a bucket of
+``max_source_length``: a 256-token CPM-2 prompt took 8.7 ms against 20.3 ms eager
+(benchmark/results/h200_cpm2_encoder_run11.json). Its kernels are the ones eager ``encode`` picks.
 
 Numerics: a graph step runs the same modules as the eager step; it differs only in attending over
 masked padding (exactly zero weight, but other kernel tilings) and, on CUDA, in using the fused int8
@@ -29,7 +34,7 @@ kernel for small weights too. Logits agree with the eager path to fp16 rounding 
 ``1e-2`` relative on the GPU, ``1e-5`` in fp32 on the CPU), greedy tokens are the same.
 
 >>> # model = T5(...).cuda().half(); dec = GraphedDecoder(model, batch_size=1, max_length=256)
->>> # enc = model.encode(ids, mask); cache = dec.new_cache(mask)
+>>> # enc = dec.encode(ids, mask); cache = dec.new_cache(mask)      # the encoder from a graph too
 >>> # logits = dec.decode(start_ids, enc, cache=cache)       # eager: fills the cross-attention cache
 >>> # logits = dec.decode(token[:, None], cache=cache)       # graph replay
 """

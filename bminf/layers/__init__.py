@@ -5,5 +5,6 @@ from .kv_cache import CrossKVCache, KVCache, LayerKV
 from .norm import LayerNorm, RMSNorm
 from .position_bias import RelativePositionBias, relative_position_bucket
 
-__all__ = ["Attention", "additive_mask", "causal_mask", "check_cache_size", "check_ids", "FeedForward", "GatedFeedForward", "KVCache", "CrossKVCache", "LayerKV", "LayerNorm",
-           "RMSNorm", "RelativePositionBias", "relative_position_bucket"]
+__all__ = ["Attention", "additive_mask", "causal_mask", "check_cache_size", "check_ids", "FeedForward",
+           "GatedFeedForward", "KVCache", "CrossKVCache", "LayerKV", "LayerNorm", "RMSNorm", "RelativePositionBias",
+           "relative_position_bucket"]
