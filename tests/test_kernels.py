@@ -16,6 +16,18 @@ from bminf.quantization import quantize_weight
 SHAPES = [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030), (5, 130, 200), (16, 64, 256), (40, 300, 130),
           (64, 128, 64)]
 
+def run_check(check: str, device: str, **env):
+    """Run a check script in a fresh Python (Triton's interpreter is chosen when triton is imported:
+    ``TRITON_INTERPRET="1"`` for the CPU) and return the value it prints after ``worst``."""
+    out = subprocess.run([sys.executable, "-c", check.format(shapes=SHAPES, device=device)], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return eval(out.stdout.split("worst")[1])  # a number or a dict literal
+
+
+INTERPRETER = dict(TRITON_INTERPRET="1")
+
+
 CHECK = """
 import torch, torch.nn.functional as F
 from bminf.kernels import triton_int8
@@ -38,11 +50,7 @@ print("worst", worst)
 @pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
 def test_triton_kernel_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", CHECK.format(shapes=SHAPES, device="cpu")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split("worst")[1]) < 1e-3  # fp16 output rounding, fp32 accumulation
+    assert run_check(CHECK, "cpu", **INTERPRETER) < 1e-3  # fp16 output rounding, fp32 accumulation
 
 
 @pytest.mark.gpu
@@ -50,10 +58,7 @@ def test_triton_kernel_in_the_interpreter():
 def test_triton_kernel_on_gpu(widen):
     if not triton_int8.available():
         pytest.skip("needs triton")
-    out = subprocess.run([sys.executable, "-c", CHECK.format(shapes=SHAPES, device="cuda")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "BMINF_GEMV_WIDEN": widen})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split("worst")[1]) < 1e-3
+    assert run_check(CHECK, "cuda", BMINF_GEMV_WIDEN=widen) < 1e-3
 
 
 @pytest.mark.gpu
@@ -135,19 +140,12 @@ print("worst", worst)
 @pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
 def test_rms_norm_kernel_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", NORM_CHECK.format(device="cpu")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split("worst")[1]) < 1e-3  # one fp16 rounding step at most
+    assert run_check(NORM_CHECK, "cpu", **INTERPRETER) < 1e-3  # one fp16 rounding step at most
 
 
 @pytest.mark.gpu
 def test_rms_norm_kernel_on_gpu():
-    out = subprocess.run([sys.executable, "-c", NORM_CHECK.format(device="cuda")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split("worst")[1]) < 1e-3
+    assert run_check(NORM_CHECK, "cuda") < 1e-3
 
 
 def test_w8a8_path_is_opt_in_and_close(monkeypatch):
@@ -224,9 +222,7 @@ print("worst", worst)
 """
 
 
-def _fused_worst(out):
-    assert out.returncode == 0, out.stderr[-2000:]
-    worst = eval(out.stdout.split("worst")[1])  # a dict literal printed by the check
+def _fused_worst(worst):
     assert worst["many"] < 1e-3, worst  # fp16 output rounding
     assert worst["norm"] < 1e-3, worst  # one fp16 rounding step at most
 
@@ -234,16 +230,13 @@ def _fused_worst(out):
 @pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernels instead")
 def test_fused_kernels_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    _fused_worst(subprocess.run([sys.executable, "-c", FUSED_CHECK.format(device="cpu")],
-                                capture_output=True, text=True, env=env, timeout=600))
+    _fused_worst(run_check(FUSED_CHECK, "cpu", **INTERPRETER))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("widen", ["cvt", "prmt"])
 def test_fused_kernels_on_gpu(widen):
-    _fused_worst(subprocess.run([sys.executable, "-c", FUSED_CHECK.format(device="cuda")], capture_output=True,
-                                text=True, timeout=300, env={**os.environ, "BMINF_GEMV_WIDEN": widen}))
+    _fused_worst(run_check(FUSED_CHECK, "cuda", BMINF_GEMV_WIDEN=widen))
 
 
 def test_gemv_widen_setting_is_checked(monkeypatch):
@@ -337,16 +330,9 @@ print("worst", worst)
 @pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
 def test_decode_attention_kernel_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", ATTENTION_CHECK.format(device="cpu")],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split("worst")[1]) < 2e-3  # fp16 inputs and output rounding
+    assert run_check(ATTENTION_CHECK, "cpu", **INTERPRETER) < 2e-3  # fp16 inputs and output rounding
 
 
 @pytest.mark.gpu
 def test_decode_attention_kernel_on_gpu():
-    out = subprocess.run([sys.executable, "-c", ATTENTION_CHECK.format(device="cuda")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split("worst")[1]) < 2e-3
+    assert run_check(ATTENTION_CHECK, "cuda") < 2e-3
