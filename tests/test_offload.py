@@ -122,6 +122,29 @@ def test_streamed_equals_resident_bit_for_bit(resident):
         assert host.data_ptr() <= layers[i].fc1.weight.data_ptr() < host.data_ptr() + host.numel()
 
 
+def test_reserve_at_least_streams_blocks_before_the_pass_that_needs_the_room():
+    ref = make()
+    layers = TransformerBlockList(copy.deepcopy(list(ref)), "cpu", memory_limit=8 * block_bytes(), reserve=0)
+    assert layers.streamed_blocks == []
+    layers.reserve_at_least(0)  # already kept: nothing moves
+    assert layers.streamed_blocks == []
+    layers.reserve_at_least(3 * block_bytes())  # 5 blocks' room left: 2 slots and 3 resident
+    assert len(layers.streamed_blocks) == 5
+    layers.reserve_at_least(0)  # blocks never come back on their own
+    assert len(layers.streamed_blocks) == 5
+    layers.reserve_at_least(100 * block_bytes())  # more than the budget can give: as much as it can
+    assert len(layers.streamed_blocks) == 8
+    x, bias = torch.randn(2, 5, 16), torch.randn(16)
+    with torch.no_grad():
+        assert torch.equal(run_loop(layers, x, bias, passes=2), run_loop(ref, x, bias, passes=2))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="nbytes"):
+            layers.reserve_at_least(bad)
+    unlimited = TransformerBlockList(list(make()), "cpu")
+    unlimited.reserve_at_least(1 << 40)  # no limit: nothing to keep free
+    assert unlimited.streamed_blocks == []
+
+
 def test_prefetch_loads_each_streamed_block_once_per_pass():
     layers = TransformerBlockList(list(make()), "cpu", memory_limit=4 * block_bytes(), reserve=0)
     n = len(layers.streamed_blocks)

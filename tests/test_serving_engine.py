@@ -219,3 +219,37 @@ def test_kv_gather_keeps_each_rows_keys_right_aligned():
     cross = CrossKVCache(n_layers=1, batch_size=1, n_heads=1, source_length=2, d_head=2)
     with pytest.raises(ValueError, match="filled"):
         CrossKVCache.gather([(cross, [0])])
+
+
+@pytest.mark.parametrize("kind", ["cpm1", "cpm2"])
+def test_the_budget_reserve_grows_before_rows_are_admitted(request, monkeypatch, kind):
+    """Under a memory limit the engine makes the offload core keep room for the batch's caches and
+    the prefill before running them (blocks move to host memory first), and the text is unchanged."""
+    from bminf.offload import TransformerBlockList
+    from bminf.offload.stream import BlockWeights
+    from bminf.serving import batch
+
+    cls = {"cpm1": bminf.models.CPM1, "cpm2": bminf.models.CPM2}[kind]
+    model = cls(version=f"{kind}-demo", device="cpu")
+    stacks = ["layers"] if kind == "cpm1" else ["enc_layers", "dec_layers"]
+    for name in stacks:  # all resident, with no room to spare
+        blocks = list(getattr(model.backbone, name))
+        size = sum(BlockWeights(b).nbytes for b in blocks)
+        setattr(model.backbone, name, TransformerBlockList(blocks, "cpu", memory_limit=size, reserve=0))
+    events = []
+    reserve, prefill = TransformerBlockList.reserve_at_least, batch.prefill
+    monkeypatch.setattr(TransformerBlockList, "reserve_at_least",
+                        lambda self, n: (events.append(("reserve", n)), reserve(self, n))[1])
+    monkeypatch.setattr(batch, "prefill", lambda *a: (events.append(("prefill", None)), prefill(*a))[1])
+    cases = [c for c in CPM2_CASES if "<span>" not in c["prompt"]]
+    got, _ = run_all(model, [CompletionRequest(model=kind, **case) for case in cases])
+    reference = request.getfixturevalue(kind)
+    assert got == run_all(reference, [CompletionRequest(model=kind, **case) for case in cases])[0]
+    assert events[0][0] == "reserve" and ("prefill", None) in events
+    assert events.index(("prefill", None)) > max(i for i, e in enumerate(events) if e[0] == "reserve"
+                                                 and i < events.index(("prefill", None)))
+    longest = max(len(model.tokenizer.encode(c["prompt"])) for c in cases)
+    joined = batch.cache_bytes(model.backbone, len(cases), max(c["max_tokens"] for c in cases), longest)
+    assert events[0][1] > joined  # at least the joined batch's caches
+    for name in stacks:
+        assert getattr(model.backbone, name).streamed_blocks, f"{name}: no block left the device"

@@ -111,6 +111,19 @@ class TransformerBlockList(nn.ModuleList):
         """Host-to-device copies issued so far, per device."""
         return {str(p.device): (p.streamer.loads, p.streamer.loaded_bytes) for p in self._parts if p.streamer}
 
+    # -- budget -----------------------------------------------------------------------------------
+    def reserve_at_least(self, nbytes: int) -> None:
+        """Keep ``nbytes`` free for activations and caches (besides the kernels' scratch) on every
+        device of this list that has a memory limit: where the plan keeps less, resident blocks move
+        to host memory now, before the pass that needs the room, as they would after a pass that
+        went over the limit. Blocks never come back; a budget that cannot give that much streams
+        every block, which frees the most it can (the check after each pass still applies)."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+        for part in self._parts:
+            if part.limit is not None and part.plan.reserve < part.scratch + nbytes:
+                part.demote(part.scratch + nbytes)
+
     # -- list behaviour: slicing must not re-plan ---------------------------------------------------
     def __getitem__(self, idx):
         if isinstance(idx, slice):

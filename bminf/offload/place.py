@@ -203,11 +203,13 @@ class _DevicePart:
     def demote(self, reserve: int) -> None:
         """Re-plan with a larger ``reserve``; blocks only ever leave the device here."""
         sizes = [b.nbytes for b in self.blocks]
+        # more than the budget can give: keep as much free as it can, every block streamed
+        reserve = min(reserve, self.limit - self.baseline - min(self.slots, len(sizes)) * max(sizes, default=0))
         try:
             plan = plan_residency(sizes, self.limit, baseline=self.baseline, reserve=reserve,
                                   priorities=self.priorities, slots=self.slots)
         except ValueError:
-            return  # already at the minimum: nothing left to evict
+            return  # not even the minimum fits (memory used outside the blocks grew)
         resident = tuple(a and b for a, b in zip(plan.resident, self.plan.resident))
         slot_bytes = max([s for s, r in zip(sizes, resident) if not r], default=0)
         plan = Plan(resident, plan.slots if not all(resident) else 0, slot_bytes, reserve, plan.minimum)

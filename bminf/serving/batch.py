@@ -17,7 +17,7 @@ import torch
 from ..generation import pad_rows
 from ..layers import CrossKVCache, KVCache
 
-__all__ = ["home_device", "prefill", "join", "step"]
+__all__ = ["home_device", "prefill", "join", "step", "cache_bytes", "state_bytes", "prefill_bytes"]
 
 
 def home_device(backbone: torch.nn.Module) -> torch.device:
@@ -48,6 +48,41 @@ def prefill(backbone, sources: Sequence[Sequence[int]], prefixes: Optional[Seque
     cache = backbone.new_cache(mask, max_length=prefix.shape[1])
     encoded = backbone.encode(ids, mask)
     return cache, backbone.decode(prefix, encoded, cache=cache)[:, -1]
+
+
+def cache_bytes(backbone, rows: int, columns: int, source: int = 0) -> int:
+    """Bytes of the caches of ``rows`` rows with ``columns`` decoder positions (T5: and ``source``
+    encoder positions of cross-attention keys/values)."""
+    c = backbone.config
+    elem = home_element_size(backbone)
+    layers = c.n_decoder_layers if _is_t5(backbone) else c.n_layers
+    return 2 * layers * rows * c.n_heads * c.d_head * elem * (columns + (source if _is_t5(backbone) else 0))
+
+
+def state_bytes(cache) -> int:
+    """Bytes a running batch's caches hold (``None``: no batch)."""
+    if cache is None:
+        return 0
+    parts = (cache.self_kv, cache.cross) if hasattr(cache, "cross") else (cache,)
+    return sum(t.numel() * t.element_size() for p in parts for t in (*p.k, *p.v))
+
+
+def prefill_bytes(backbone, rows: int, source: int, prefix: int = 0) -> int:
+    """A generous bound on the activations a prefill of ``rows`` prompts of ``source`` tokens holds at
+    once: a few hidden-state-wide tensors and the feed-forward's wide ones per token, the attention
+    bias and scores (rows x heads x source^2), and the logits of every position fed to the LM head
+    (GPT: the whole prompt; T5: the decoder prefix)."""
+    c = backbone.config
+    elem = home_element_size(backbone)
+    tokens = rows * source
+    hidden = tokens * (3 * c.d_ff + 8 * c.d_model) * elem
+    scores = 2 * rows * c.n_heads * source * source * elem
+    logits = rows * (max(prefix, 1) if _is_t5(backbone) else source) * c.vocab_size * 4
+    return hidden + scores + logits
+
+
+def home_element_size(backbone) -> int:
+    return (getattr(backbone, "token_embedding", None) or getattr(backbone, "input_embedding")).weight.element_size()
 
 
 def join(parts: Sequence[Tuple[object, Sequence[int]]], room: int):

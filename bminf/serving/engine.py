@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..generation import SamplingParams, count_ids, sample
+from ..offload import TransformerBlockList
 from . import batch
 
 __all__ = ["Job", "Engine", "ShuttingDown"]
@@ -89,6 +90,8 @@ class Engine:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.backbone, self.max_batch = backbone, max_batch
         self.device = batch.home_device(backbone)
+        # block lists under a memory limit: their reserve must cover the batch's caches (see _make_room)
+        self._budgets = [m for m in backbone.modules() if isinstance(m, TransformerBlockList)]
         self._inbox: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._slots: List[_Slot] = []
         self._cache = None
@@ -168,6 +171,7 @@ class Engine:
         groups: Dict[int, List[Job]] = {}
         for job in new:
             groups.setdefault(len(job.prefix or ()), []).append(job)
+        self._make_room(new)
         parts, logits, slots = [], [], list(self._slots)
         if self._slots:
             parts.append((self._cache, range(len(self._slots))))
@@ -195,6 +199,28 @@ class Engine:
                 slot.job.sink("error", exc)
             return
         self._cache, self._logits, self._slots = cache, logits, slots
+
+    def _make_room(self, new: List[Job]) -> None:
+        """Before new rows are prefilled and joined: grow the budget's reserve (blocks move to host
+        memory) to cover what is alive at once then, the running batch's caches, the new rows' own,
+        the joined ones and the largest prefill's activations, so that a memory limit holds during
+        that pass, not only after it (the offload core's check after a pass catches the rest)."""
+        if not self._budgets:
+            return
+        b, t5 = self.backbone, new[0].prefix is not None
+        rows = len(self._slots) + len(new)
+        room = max([s.job.remaining for s in self._slots] + [j.params.max_tokens for j in new])
+        longest = max(len(j.source) for j in new)
+        first = max(len(j.prefix) for j in new) if t5 else longest  # columns the prefill fills
+        old = self._cache.self_kv if t5 and self._cache is not None else self._cache
+        old_columns = old.max_length if old is not None else 0
+        old_source = self._cache.cross.k[0].shape[2] if t5 and self._cache is not None else 0
+        need = (batch.state_bytes(self._cache)
+                + batch.cache_bytes(b, rows, max(old_columns, first) + room, max(old_source, longest))
+                + batch.cache_bytes(b, len(new), first, longest)
+                + batch.prefill_bytes(b, len(new), longest, first if t5 else 0))
+        for blocks in self._budgets:
+            blocks.reserve_at_least(need)
 
     def _sample(self) -> torch.Tensor:
         """One token per row, each group of rows with equal parameters sampled together."""
