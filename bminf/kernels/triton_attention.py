@@ -41,7 +41,7 @@ def _kernel():
         # broadcasts), o (B, H, D) contiguous; WRITE: the new kn/vn (B, H, D) go to position *pos_ptr.
         # D is a constant so that a row of d_head below BLOCK_D (CPM-1's 80) still loads in vectors
         pid = tl.program_id(0)
-        b, h = pid // H, pid % H
+        b, h = (pid // H).to(tl.int64), pid % H  # b * (a row's stride) passes 2^31 in large batches
         rd = tl.arange(0, BLOCK_D)
         d_ok = rd < D
         q = tl.load(q_ptr + b * sq_b + h * sq_h + rd, mask=d_ok, other=0.0).to(tl.float32) * scale
