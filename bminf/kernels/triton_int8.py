@@ -141,8 +141,9 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
     # fp16 only: bf16 has not been checked on a GPU yet
     big_enough = _ALWAYS.get() or weight.numel() >= min_numel()
+    # the kernels index the weight in 32 bits: larger weights take the portable path
     return (x.is_cuda and x.dtype == torch.float16 and 0 < rows <= MAX_ROWS and big_enough
-            and weight.is_cuda and weight.is_contiguous() and available())
+            and weight.is_cuda and weight.is_contiguous() and weight.numel() < 2**31 and available())
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
