@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from ..kernels import attention, triton_attention
 from ..kernels.triton_int8 import always_fused
 from ..layers import additive_mask
+from .loop import input_embedding
 
 __all__ = ["GraphedDecoder", "StaticLayerKV", "buckets_for"]
 
@@ -111,7 +112,7 @@ class GraphedDecoder:
         self.model = model
         self.is_t5 = hasattr(model, "dec_layers")
         self.layers = model.dec_layers if self.is_t5 else model.layers
-        weight = model.input_embedding.weight if self.is_t5 else model.token_embedding.weight
+        weight = input_embedding(model).weight
         self.device, self.dtype = weight.device, weight.dtype
         if not self.is_t5 and max_length > model.config.max_positions:
             raise ValueError(f"max_length {max_length} exceeds the model's {model.config.max_positions} positions")

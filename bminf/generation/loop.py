@@ -31,10 +31,14 @@ def pad_rows(rows: Sequence[Sequence[int]], left: bool, device) -> Tuple[torch.T
     return ids.to(device), mask.to(device)
 
 
-def _home(model: torch.nn.Module) -> torch.device:
-    # where the embeddings live: inputs go there, and the blocks move activations as they need
-    emb = getattr(model, "token_embedding", None) or getattr(model, "input_embedding")
-    return emb.weight.device
+def input_embedding(model: torch.nn.Module) -> torch.nn.Embedding:
+    """The embedding a backbone's input ids go through (GPT's ``token_embedding``, T5's ``input_embedding``)."""
+    return getattr(model, "token_embedding", None) or getattr(model, "input_embedding")
+
+
+def home_device(model: torch.nn.Module) -> torch.device:
+    """Where the embeddings live: inputs go there, and the blocks move activations as they need."""
+    return input_embedding(model).weight.device
 
 
 class GPTRunner:
@@ -46,7 +50,7 @@ class GPTRunner:
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, graphed=None):
         self.model = graphed or model
-        self.device = _home(model)
+        self.device = home_device(model)
         self.ids, self.mask = pad_rows(prompts, left=True, device=self.device)
         self.cache = graphed.new_cache() if graphed else model.new_cache(len(prompts),
                                                                          self.ids.shape[1] + max_new_tokens)
@@ -65,7 +69,7 @@ class T5Runner:
     def __init__(self, model, sources: Sequence[Sequence[int]], decoder_prefix: Sequence[int],
                  max_new_tokens: int, graphed=None):
         self.model = graphed or model
-        self.device = _home(model)
+        self.device = home_device(model)
         self.ids, self.mask = pad_rows(sources, left=False, device=self.device)
         self.prefix = torch.as_tensor([list(decoder_prefix)] * len(sources), dtype=torch.long, device=self.device)
         self.cache = graphed.new_cache(self.mask) if graphed else \

@@ -15,15 +15,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..generation import pad_rows
+from ..generation.loop import home_device, input_embedding
 from ..layers import CrossKVCache, KVCache
 
 __all__ = ["home_device", "prefill", "join", "step", "cache_bytes", "state_bytes", "prefill_bytes"]
-
-
-def home_device(backbone: torch.nn.Module) -> torch.device:
-    """Where the embeddings live: inputs go there, and the blocks move activations as they need."""
-    emb = getattr(backbone, "token_embedding", None) or getattr(backbone, "input_embedding")
-    return emb.weight.device
 
 
 def _is_t5(backbone) -> bool:
@@ -54,7 +49,7 @@ def cache_bytes(backbone, rows: int, columns: int, source: int = 0) -> int:
     """Bytes of the caches of ``rows`` rows with ``columns`` decoder positions (T5: and ``source``
     encoder positions of cross-attention keys/values)."""
     c = backbone.config
-    elem = home_element_size(backbone)
+    elem = input_embedding(backbone).weight.element_size()
     layers = c.n_decoder_layers if _is_t5(backbone) else c.n_layers
     return 2 * layers * rows * c.n_heads * c.d_head * elem * (columns + (source if _is_t5(backbone) else 0))
 
@@ -73,16 +68,12 @@ def prefill_bytes(backbone, rows: int, source: int, prefix: int = 0) -> int:
     bias and scores (rows x heads x source^2), and the logits of every position fed to the LM head
     (GPT: the whole prompt; T5: the decoder prefix)."""
     c = backbone.config
-    elem = home_element_size(backbone)
+    elem = input_embedding(backbone).weight.element_size()
     tokens = rows * source
     hidden = tokens * (3 * c.d_ff + 8 * c.d_model) * elem
     scores = 2 * rows * c.n_heads * source * source * elem
     logits = rows * (max(prefix, 1) if _is_t5(backbone) else source) * c.vocab_size * 4
     return hidden + scores + logits
-
-
-def home_element_size(backbone) -> int:
-    return (getattr(backbone, "token_embedding", None) or getattr(backbone, "input_embedding")).weight.element_size()
 
 
 def join(parts: Sequence[Tuple[object, Sequence[int]]], room: int):
