@@ -38,6 +38,7 @@ kernel for small weights too. Logits agree with the eager path to fp16 rounding 
 >>> # logits = dec.decode(start_ids, enc, cache=cache)       # eager: fills the cross-attention cache
 >>> # logits = dec.decode(token[:, None], cache=cache)       # graph replay
 """
+import contextlib
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -170,22 +171,31 @@ class GraphedDecoder:
         return model.lm_head(model.layernorm(x))
 
     def _capture(self, length: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        t = time.perf_counter()
         kv = self._kv()
         saved = kv.key_mask.clone(), kv.n_valid.clone()
-        # warm-up runs on a side stream (compiles kernels, sets up cuBLAS) write only at the next
-        # position, which the real step overwrites; the masks and counters are put back after them
+
+        def put_back():  # warm-ups write only at the next position, which the real step overwrites
+            kv.key_mask.copy_(saved[0])
+            kv.n_valid.copy_(saved[1])
+        return self._record(lambda: self._step(length), warm_ups=2, fused=True, after_warm_up=put_back)
+
+    def _record(self, run, warm_ups: int, fused: bool, after_warm_up=None):
+        """``(graph, output)`` of ``run()`` captured into this object's pool, after ``warm_ups`` calls
+        on a side stream (they compile kernels and set up cuBLAS) and ``after_warm_up()``; ``fused``:
+        under ``always_fused`` (the fused int8 kernels for small weights too)."""
+        t = time.perf_counter()
+        kernels = always_fused if fused else contextlib.nullcontext
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), always_fused(), torch.no_grad():
-            for _ in range(2):
-                self._step(length)
+        with torch.cuda.stream(stream), kernels(), torch.no_grad():
+            for _ in range(warm_ups):
+                run()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        kv.key_mask.copy_(saved[0])
-        kv.n_valid.copy_(saved[1])
+        if after_warm_up is not None:
+            after_warm_up()
         graph = torch.cuda.CUDAGraph()
-        with always_fused(), torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
-            out = self._step(length)
+        with kernels(), torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+            out = run()
         self.capture_s += time.perf_counter() - t
         return graph, out
 
@@ -286,20 +296,11 @@ class GraphedDecoder:
             return out[:, :n].clone()  # the graph's buffer is overwritten by its next replay
 
     def _capture_encoder(self, length: int):
-        t = time.perf_counter()
         emb = torch.zeros(self.batch_size, length, self.model.config.d_model, dtype=self.dtype, device=self.device)
         mask = torch.ones(self.batch_size, length, dtype=torch.bool, device=self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        # the kernels eager ``encode`` would pick (no always_fused): a prompt's rows are many, so the
-        # graph saves host time, not a choice of kernel, and the numbers stay the eager path's
-        with torch.cuda.stream(stream):
-            self.model.encode_embeddings(emb, mask)  # compiles kernels, sets up cuBLAS
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model.encode_embeddings(emb, mask)
-        self.capture_s += time.perf_counter() - t
+        # the kernels eager ``encode`` would pick (not fused): a prompt's rows are many, so the graph
+        # saves host time, not a choice of kernel, and the numbers stay the eager path's
+        graph, out = self._record(lambda: self.model.encode_embeddings(emb, mask), warm_ups=1, fused=False)
         return emb, mask, graph, out
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_output: Optional[torch.Tensor] = None, cache=None):
