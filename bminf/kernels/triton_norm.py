@@ -38,7 +38,15 @@ def _kernel():
         w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + row * D + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
 
-    return rms_norm, triton.next_power_of_2
+    return rms_norm
+
+
+def _whole_rows(d: int) -> dict:
+    """Launch options of the kernels here, one program per row: the row's width rounded up to a power
+    of two, a warp per 256 of it (1 to 16)."""
+    import triton
+    block = triton.next_power_of_2(d)
+    return dict(BLOCK=block, num_warps=min(16, max(1, block // 256)))
 
 
 # fp16's largest value less 1000, on fp16's grid: where HF's T5 clamps an overflowing residual
@@ -72,7 +80,7 @@ def _residual_kernel():
             w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
             tl.store(y_ptr + row * D + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
 
-    return residual_norm, triton.next_power_of_2
+    return residual_norm
 
 
 def clamp_rows(x: torch.Tensor) -> torch.Tensor:
@@ -144,15 +152,14 @@ class _Residual(torch.autograd.Function):
 
 
 def _residual_kernel_call(x, h, weight, eps):
-    kernel, next_pow2 = _residual_kernel()
+    kernel = _residual_kernel()
     d = x.shape[-1]
     x2, h2 = x.reshape(-1, d).contiguous(), h.reshape(-1, d).contiguous()
     s = torch.empty_like(x2)
     y = torch.empty_like(x2) if weight is not None else s
     w = weight.contiguous() if weight is not None else s  # a placeholder pointer when absent
-    block = next_pow2(d)
     kernel[(x2.shape[0],)](x2, h2, w, s, y, d, eps, FP16_CLAMP, CLAMP=x.dtype == torch.float16,
-                           NORM=weight is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                           NORM=weight is not None, **_whole_rows(d))
     return s.reshape(x.shape), (y.reshape(x.shape) if weight is not None else None)
 
 
@@ -196,12 +203,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    kernel, next_pow2 = _kernel()
+    kernel = _kernel()
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     y = torch.empty_like(x2)
-    block = next_pow2(d)
-    kernel[(x2.shape[0],)](x2, weight.contiguous(), y, d, eps, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    kernel[(x2.shape[0],)](x2, weight.contiguous(), y, d, eps, **_whole_rows(d))
     return y.reshape(x.shape)
 
 
@@ -228,7 +234,7 @@ def _layer_norm_kernel():
         b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * D + cols, (centred * r * w + b).to(y_ptr.dtype.element_ty), mask=ok)
 
-    return layer_norm, triton.next_power_of_2
+    return layer_norm
 
 
 def layer_norm_reference(x, h, weight, bias, eps):
@@ -259,15 +265,14 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def _layer_norm_call(x, h, weight, bias, eps):
-    kernel, next_pow2 = _layer_norm_kernel()
+    kernel = _layer_norm_kernel()
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     h2 = h.reshape(-1, d).contiguous() if h is not None else x2  # a placeholder pointer when absent
     s = torch.empty_like(x2) if h is not None else x2
     y = torch.empty_like(x2)
-    block = next_pow2(d)
     kernel[(x2.shape[0],)](x2, h2, weight.contiguous(), bias.contiguous(), s, y, d, eps, ADD=h is not None,
-                           BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                           **_whole_rows(d))
     return y.reshape(x.shape) if h is None else (s.reshape(x.shape), y.reshape(x.shape))
 
 
