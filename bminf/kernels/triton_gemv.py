@@ -95,7 +95,7 @@ def _kernel():
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
@@ -112,7 +112,7 @@ def config(m: int, n: int, k: int, device: torch.device) -> Tuple[int, int, int,
         block_n, block_k, warps, stages = table[(n, k)]
     else:
         block_n = 32
-        while block_n > 4 and n // block_n < 4 * _multiprocessors(device):
+        while block_n > 4 and n // block_n < 4 * multiprocessors(device):
             block_n //= 2
         block_k, warps, stages = 512, 4, 2
     # the accumulator holds BLOCK_M * BLOCK_N * BLOCK_K fp32 values over 32 * warps threads

@@ -123,16 +123,11 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return y
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _block_n(n: int, device: torch.device) -> int:
     """The widest tile of output rows that still gives every multiprocessor a program: decode is a
     stream over the weight, and idle multiprocessors are idle memory bandwidth."""
     for block in (128, 64):
-        if n // block >= _multiprocessors(device):
+        if n // block >= triton_gemv.multiprocessors(device):
             return block
     return 32
 
