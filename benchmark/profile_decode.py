@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this profiles the CUDA kernels of a graphed step; it needs a CUDA device")
     kind, cfg = config(args.preset, args.tiny)
     model = build_ours(args.preset, args.tiny, device)
     b, L = args.batch_size, args.input_length
