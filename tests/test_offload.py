@@ -145,6 +145,23 @@ def test_reserve_at_least_streams_blocks_before_the_pass_that_needs_the_room():
     assert unlimited.streamed_blocks == []
 
 
+def test_a_grown_reserve_streams_only_the_blocks_it_needs_and_keeps_those_streamed():
+    # 24 blocks, 5 streamed: one block's more reserve streams one more block, not a new spread of
+    # six (whose positions share only two with the five: nine streamed in all, as it once did)
+    bb = block_bytes()
+    ref = make(24)
+    layers = TransformerBlockList(copy.deepcopy(list(ref)), "cpu", memory_limit=21 * bb, reserve=0)
+    before = set(layers.streamed_blocks)
+    assert len(before) == 5
+    for extra in (1, 3):
+        layers.reserve_at_least(extra * bb)
+        now = set(layers.streamed_blocks)
+        assert len(now) == 5 + extra and now > before, (sorted(before), sorted(now))
+    x, bias = torch.randn(2, 5, 16), torch.randn(16)
+    with torch.no_grad():
+        assert torch.equal(run_loop(layers, x, bias, passes=2), run_loop(ref, x, bias, passes=2))
+
+
 def test_prefetch_loads_each_streamed_block_once_per_pass():
     layers = TransformerBlockList(list(make()), "cpu", memory_limit=4 * block_bytes(), reserve=0)
     n = len(layers.streamed_blocks)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..units import parse_size
-from .plan import MIB, Plan, plan_residency, split_contiguous
+from .plan import MIB, Plan, plan_residency, split_contiguous, spread
 from .stream import BlockWeights, Streamer
 
 __all__ = ["place_block_lists", "kernel_scratch", "resolve_devices", "parse_device", "parse_slots",
@@ -200,6 +200,20 @@ class _DevicePart:
             self.warned = True
         self.demote(reserve)
 
+    def _fewer(self, target: Sequence[bool]) -> Tuple[bool, ...]:
+        """As many resident blocks per priority as ``target`` has, taken from those resident now and
+        spread among them, so that blocks only leave. (``target`` itself will not do, nor its overlap
+        with now: the evenly spread positions of n + 1 streamed blocks are not a superset of those of
+        n, and the overlap once streamed 9 blocks where 1 more was due.) Blocks of one priority are
+        alike in size in the models here; where they are not, the check after each pass still holds."""
+        keep = list(self.plan.resident)
+        for level in set(self.priorities):
+            now = [i for i, p in enumerate(self.priorities) if p == level and keep[i]]
+            want = sum(1 for r, p in zip(target, self.priorities) if p == level and r)
+            for j in spread(len(now), max(len(now) - want, 0)):
+                keep[now[j]] = False
+        return tuple(keep)
+
     def demote(self, reserve: int) -> None:
         """Re-plan with a larger ``reserve``; blocks only ever leave the device here."""
         sizes = [b.nbytes for b in self.blocks]
@@ -210,13 +224,15 @@ class _DevicePart:
                                   priorities=self.priorities, slots=self.slots)
         except ValueError:
             return  # not even the minimum fits (memory used outside the blocks grew)
-        resident = tuple(a and b for a, b in zip(plan.resident, self.plan.resident))
+        resident = self._fewer(plan.resident)
         slot_bytes = max([s for s, r in zip(sizes, resident) if not r], default=0)
         plan = Plan(resident, plan.slots if not all(resident) else 0, slot_bytes, reserve, plan.minimum)
         if plan.resident != self.plan.resident:
             self.apply(plan)
             for b in self.blocks:
                 b.owner._wrap(b)
+            _log.info("bminf: %s: reserve grown to %d B: %d of %d blocks resident", self.device, reserve,
+                      sum(plan.resident), len(self.blocks))
 
 
 
