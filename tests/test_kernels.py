@@ -294,8 +294,9 @@ worst = 0.0
 def formula(q, k, v, bias, scale):
     s = (q.double() @ k.double().transpose(-1, -2)) * scale + bias.double()
     return s.softmax(-1) @ v.double()
-def err(y, ref):
-    return float((y.cpu().double() - ref.cpu().double()).abs().max() / ref.cpu().double().abs().max())
+def err(y, ref):  # a NaN anywhere counts as infinitely wrong (max() would pass over it)
+    e = float((y.cpu().double() - ref.cpu().double()).abs().max() / ref.cpu().double().abs().max())
+    return e if e == e else float("inf")
 for b, h, d, t, scale in [(1, 4, 64, 64, 1.0), (2, 3, 80, 200, 80 ** -0.5), (3, 2, 16, 300, 0.25)]:
     q, k, v = (torch.randn(b, h, n, d).half() for n in (1, t, t))
     pos_bias = torch.randn(1, h, 1, t)
@@ -303,19 +304,29 @@ for b, h, d, t, scale in [(1, 4, 64, 64, 1.0), (2, 3, 80, 200, 80 ** -0.5), (3, 
     allowed[..., 0] = True
     for bias in (pos_bias + torch.where(allowed, 0.0, -30000.0), torch.where(allowed, 0.0, -30000.0)):
         bias = bias.half()
-        y = triton_attention.attend_one(q.to(dev), k.to(dev), v.to(dev), bias.to(dev), scale)
-        assert y.shape == (b, h, 1, d) and y.dtype == torch.float16
-        worst = max(worst, err(y, formula(q, k, v, bias, scale)))
-    # the graphed step: store the new key/value at pos, attend over the first `length` positions
-    length, pos = t - 7, t - 9
-    kc, vc = k.clone().to(dev), v.clone().to(dev)
-    kn, vn = torch.randn(b, h, 1, d).half(), torch.randn(b, h, 1, d).half()
-    y = triton_attention.attend_and_store(q.to(dev), kc, vc, bias[..., :length].to(dev), scale, length,
-                                          kn.to(dev), vn.to(dev), torch.tensor([pos], device=dev))
-    k2, v2 = k.clone(), v.clone()
-    k2[:, :, pos], v2[:, :, pos] = kn[:, :, 0], vn[:, :, 0]
-    assert torch.equal(kc.cpu(), k2) and torch.equal(vc.cpu(), v2), "the cache was not written at pos alone"
-    worst = max(worst, err(y, formula(q, k2[:, :, :length], v2[:, :, :length], bias[..., :length], scale)))
+        # keys split across 1, 2 and 5 programs (and the choice by splits_for), partial splits included
+        for splits in (None, 1, 2, 5):
+            y = triton_attention.attend_one(q.to(dev), k.to(dev), v.to(dev), bias.to(dev), scale, splits=splits)
+            assert y.shape == (b, h, 1, d) and y.dtype == torch.float16
+            worst = max(worst, err(y, formula(q, k, v, bias, scale)))
+    # the graphed step: store the new key/value at pos, attend over the first `length` positions, of
+    # which those after pos are masked (with 5 splits the last holds no key up to pos)
+    length, pos = t - 7, t - 9 - t // 4
+    after = torch.arange(length) > pos
+    step_bias = bias[..., :length].masked_fill(after, -30000.0)
+    for splits in (None, 1, 5):
+        kc, vc = k.clone(), v.clone()
+        kc[:, :, pos + 1:], vc[:, :, pos + 1:] = float("nan"), float("nan")  # never read: NaN would show
+        kc, vc = kc.to(dev), vc.to(dev)
+        kn, vn = torch.randn(b, h, 1, d).half(), torch.randn(b, h, 1, d).half()
+        y = triton_attention.attend_and_store(q.to(dev), kc, vc, step_bias.to(dev), scale, length,
+                                              kn.to(dev), vn.to(dev), torch.tensor([pos], device=dev), splits=splits)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, pos], v2[:, :, pos] = kn[:, :, 0], vn[:, :, 0]
+        assert torch.equal(kc[:, :, :pos + 1].cpu(), k2[:, :, :pos + 1]), "the cache was not written at pos alone"
+        assert torch.equal(vc[:, :, :pos + 1].cpu(), v2[:, :, :pos + 1]), "the cache was not written at pos alone"
+        assert kc[:, :, pos + 1:].isnan().all() and vc[:, :, pos + 1:].isnan().all(), "written after pos"
+        worst = max(worst, err(y, formula(q, k2[:, :, :length], v2[:, :, :length], step_bias, scale)))
 # gradients come from PyTorch's attention, recomputed
 q, k, v = (torch.randn(2, 3, n, 32, dtype=torch.half, device=dev, requires_grad=True) for n in (1, 50, 50))
 bias = torch.zeros(2, 1, 1, 50, dtype=torch.half, device=dev)
