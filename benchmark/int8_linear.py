@@ -8,7 +8,8 @@ fp16 ``F.linear`` (the resident fp16 baseline), the portable int8 path (dequanti
 the Triton int8 kernel, and prints the weight bytes read per second against the HBM read ceiling
 measured in the same run (``torch.sum`` over 2 GiB). For 1-4 rows it also times the launches that do
 more than one linear: attention's q/k/v in one launch, and T5's two feed-forward inputs in one
-launch (then the GELU and the product), against separate launches.
+launch (then the GELU and the product), against separate launches; and the kernel with an epilogue
+(T5's gated GELU, GPT's GELU, a residual add) against the kernel followed by the torch ops.
 
 Each timed call reads another copy of the weight, the copies together larger than L2 (50 MB on an
 H100/H200), as a decode step reads every weight once: timing one weight over and over would read it
@@ -71,6 +72,28 @@ def sweep(x, qs, s):
     return best
 
 
+def epilogues(name, n, k, rows, x, qs, s, show, sweep_tiles: bool):
+    """The GEMV with GPT's GELU or a residual add in its epilogue, against the GEMV then the torch op;
+    with ``sweep_tiles`` the gated GELU's tiles for T5's feed-forward input too."""
+    if "in/gated" in name:
+        show(name, n, k, rows, "gelu(in) in the epilogue", bench(lambda i: triton_gemv.int8_gemv_gelu(x, qs[i], s),
+                                                                  len(qs)), n * k)
+        show(name, n, k, rows, "gelu(in) after", bench(lambda i: F.gelu(triton_gemv.int8_gemv(x, qs[i], s),
+                                                                         approximate="tanh"), len(qs)), n * k)
+        if sweep_tiles:
+            pairs = [qs[i:i + 2] for i in range(0, len(qs) - 1, 2)]
+            for bn, bk, warps in itertools.product((1, 2, 4), (512, 1024, 2048), (2, 4)):
+                us = bench(lambda i: triton_gemv._launch(x, pairs[i], [s, s], [None, None], (bn, bk, warps, 1),
+                                                         triton_gemv.GATED), len(pairs))
+                show(name, n, k, rows, f"gated tiles {(bn, bk, warps, 1)}", us, 2 * n * k)
+    else:
+        r = torch.randn(rows, n, device="cuda", dtype=torch.float16)
+        show(name, n, k, rows, "residual add in the epilogue", bench(lambda i: triton_gemv.int8_gemv_add(
+            x, qs[i], s, None, r), len(qs)), n * k)
+        show(name, n, k, rows, "residual add after", bench(lambda i: r + triton_gemv.int8_gemv(x, qs[i], s),
+                                                           len(qs)), n * k)
+
+
 def hbm_read_gbs():
     t = torch.empty(1 << 30, dtype=torch.float16, device="cuda").uniform_()
     return t.numel() * 2 / bench(lambda i: t.sum(), reps=10) / 1e3
@@ -117,6 +140,8 @@ def main():
                         table[(n, k)] = tiles
                 for kernel, (us, width) in times.items():
                     show(name, n, k, rows, kernel, us, n * k * width)
+                if rows <= triton_gemv.MAX_ROWS and n != k:
+                    epilogues(name, n, k, rows, x, qs, s, show, args.sweep)
                 if rows > triton_gemv.MAX_ROWS or n != k and "in/gated" not in name:
                     continue
                 # attention's q, k and v of one layer; or T5's two feed-forward inputs, then GELU and product
@@ -130,6 +155,9 @@ def main():
                     return outs if size == 3 else F.gelu(outs[0], approximate="tanh") * outs[1]
 
                 what = "q/k/v in" if size == 3 else "gelu(in) * gated,"
+                if size == 2:
+                    show(name, n, k, rows, f"{what} fused", bench(lambda i: triton_gemv.int8_gemv_gated(
+                        x, groups[i][0], s, groups[i][1], s), len(groups)), size * n * k)
                 for together, launches in ((True, "one launch"), (False, f"{size} launches")):
                     show(name, n, k, rows, f"{what} {launches}", bench(lambda i: grouped(i, together), len(groups)),
                          size * n * k)

@@ -184,9 +184,10 @@ from bminf.kernels import triton_gemv, triton_norm
 from bminf.quantization import quantize_weight
 torch.manual_seed(0)
 dev = "{device}"
-worst = dict(many=0.0, norm=0.0)
-def err(y, ref):
-    return float((y.cpu().double() - ref.cpu().double()).abs().max() / ref.cpu().double().abs().max())
+worst = dict(many=0.0, norm=0.0, gelu=0.0, gated=0.0, add=0.0)
+def err(y, ref):  # a NaN anywhere counts as infinitely wrong (max() would pass over it)
+    e = float((y.cpu().double() - ref.cpu().double()).abs().max() / ref.cpu().double().abs().max())
+    return e if e == e else float("inf")
 for m, n, k in [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030)]:
     ws = [quantize_weight(torch.randn(n, k)) for _ in range(3)]
     x = torch.randn(m, k).half()
@@ -212,6 +213,19 @@ for d in (96, 1000, 4096):
     worst["norm"] = max(worst["norm"], err(y, y_ref))
     s2, none = triton_norm.residual(x.to(dev), h.to(dev))
     assert none is None and torch.equal(s2.cpu(), s_ref)
+# the GEMV's epilogues (GPT's GELU, T5's gated GELU, a residual add) against the unfused ops in float64
+for m, n, k in [(1, 96, 80), (3, 70, 600), (4, 33, 130), (1, 64, 1024)]:
+    (qa, sa), (qg, sg) = quantize_weight(torch.randn(n, k) / 10), quantize_weight(torch.randn(n, k) / 10)
+    x, b, r = torch.randn(m, k).half(), torch.randn(n).half(), torch.randn(m, n).half()
+    def lin(q, s, b=None):
+        return F.linear(x.double(), q.double() * s.double()[:, None], None if b is None else b.double())
+    y = triton_gemv.int8_gemv_gelu(x.to(dev), qa.to(dev), sa.to(dev), b.to(dev))
+    worst["gelu"] = max(worst["gelu"], err(y, F.gelu(lin(qa, sa, b), approximate="tanh")))
+    y = triton_gemv.int8_gemv_gated(x.to(dev), qa.to(dev), sa.to(dev), qg.to(dev), sg.to(dev))
+    worst["gated"] = max(worst["gated"], err(y, F.gelu(lin(qa, sa), approximate="tanh") * lin(qg, sg)))
+    y = triton_gemv.int8_gemv_add(x.to(dev), qa.to(dev), sa.to(dev), b.to(dev), r.to(dev))
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    worst["add"] = max(worst["add"], err(y, r.double() + lin(qa, sa, b)))
 # the prefill path's dequantization: bit for bit torch's int8 * 16-bit product
 from bminf.kernels import triton_int8
 for n, k in [(5, 700), (40, 1030)]:
@@ -224,6 +238,7 @@ print("worst", worst)
 
 def _fused_worst(worst):
     assert worst["many"] < 1e-3, worst  # fp16 output rounding
+    assert max(worst["gelu"], worst["gated"], worst["add"]) < 2e-3, worst  # two or three fp16 roundings
     assert worst["norm"] < 1e-3, worst  # one fp16 rounding step at most
 
 
@@ -263,16 +278,62 @@ def test_fused_entry_points_fall_back_off_gpu():
     assert torch.equal(int8_gated_gelu(x, a, g), F.gelu(a(x), approximate="tanh") * g(x))
 
 
+@pytest.mark.gpu
+def test_fused_epilogues_are_picked_for_decode_and_give_gradients(monkeypatch):
+    from bminf.kernels import int8_gated_gelu, int8_linear_add, int8_linear_gelu
+    monkeypatch.setattr(triton_int8, "MIN_NUMEL", 0)  # these weights are below the kernel's size floor
+    from bminf.quantization import QuantizedLinear
+    torch.manual_seed(0)
+    a, g = (QuantizedLinear(torch.nn.Linear(256, 96, bias=False)).cuda().half() for _ in range(2))
+    lin = QuantizedLinear(torch.nn.Linear(256, 96)).cuda().half()
+    for rows, fused in [(1, True), (4, True), (5, False)]:  # more than 4 rows: the modules and torch ops
+        x = torch.randn(rows, 256, device="cuda", dtype=torch.float16, requires_grad=True)
+        r = torch.randn(rows, 96, device="cuda", dtype=torch.float16, requires_grad=True)
+        for got, want in [(int8_gated_gelu(x, a, g), F.gelu(a(x), approximate="tanh") * g(x)),
+                          (int8_linear_gelu(x, lin), F.gelu(lin(x), approximate="tanh")),
+                          (int8_linear_add(x, lin, r), r + lin(x))]:
+            # fused: the same fp16 roundings as the torch ops, the GELU's tanh within an ulp of theirs
+            assert (got.grad_fn.name() == "_EpilogueBackward") == fused
+            assert torch.allclose(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+            grads = torch.autograd.grad(got.float().square().sum(), (x, r), allow_unused=True)
+            wants = torch.autograd.grad(want.float().square().sum(), (x, r), allow_unused=True)
+            for gr, wa in zip(grads, wants):
+                assert (gr is None) == (wa is None)
+                if gr is not None:
+                    assert torch.allclose(gr, wa, rtol=2e-2, atol=2e-2 * float(wa.abs().max()))
+
+
+def test_fused_epilogue_gradients_come_from_the_formula_without_a_bias_too():
+    # the autograd plumbing of the fused GEMVs, on the CPU: a stand-in "kernel" (the formula without
+    # autograd) forward, gradients from the formula recomputed, a missing bias passed through as None
+    from bminf import kernels
+    torch.manual_seed(0)
+    q, s = quantize_weight(torch.randn(6, 8))
+    x = torch.randn(2, 8, requires_grad=True)
+    r = torch.randn(2, 6, requires_grad=True)
+    for formula, inputs in [(kernels._gelu_formula, (x, q, s, None)), (kernels._add_formula, (x, q, s, None, r))]:
+        def kernel(*t, formula=formula):
+            with torch.no_grad():
+                return formula(*t)
+        y = kernels._fused(kernel, formula, *inputs)
+        assert y.grad_fn.name() == "_EpilogueBackward"
+        got = torch.autograd.grad(y.square().sum(), [t for t in inputs if t is not None and t.requires_grad])
+        want = torch.autograd.grad(formula(*inputs).square().sum(),
+                                   [t for t in inputs if t is not None and t.requires_grad])
+        assert all(torch.allclose(a, b) for a, b in zip(got, want))
+
+
 def test_gemv_table_file_is_read_and_checked(monkeypatch, tmp_path):
     from bminf.kernels import triton_gemv
     cpu = torch.device("cpu")
     good = tmp_path / "table.json"
-    good.write_text('{"96x80": [16, 64, 4], "4096x4096": [8, 256, 8, 3]}')
+    good.write_text('{"96x80": [16, 64, 4], "4096x4096": [8, 256, 8, 3], "96x80x2": [4, 64, 2, 1]}')
     try:
         monkeypatch.setenv("BMINF_GEMV_TABLE", str(good))
         triton_gemv._table.cache_clear()
         assert triton_gemv.config(1, 96, 80, cpu) == (1, 16, 64, 4, 2)  # three numbers: two stages
         assert triton_gemv.config(1, 4096, 4096, cpu) == (1, 8, 256, 8, 3)
+        assert triton_gemv.config(1, 96, 80, cpu, weights=2) == (1, 4, 64, 2, 1)  # the gated GELU's tiles
         for bad in (tmp_path / "missing.json", tmp_path / "bad.json"):
             if bad.name == "bad.json":
                 bad.write_text('{"96x80": [16, 64]}')

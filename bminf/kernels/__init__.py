@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpm_kernels_bridge, triton_attention, triton_gemv, triton_int8, w8a8
+from . import cpm_kernels_bridge, triton_attention, triton_gemv, triton_int8, triton_norm, w8a8
 
-__all__ = ["attention", "int8_linear", "int8_linear_group", "int8_gated_gelu"]
+__all__ = ["attention", "int8_linear", "int8_linear_group", "int8_gated_gelu", "int8_linear_gelu", "int8_linear_add"]
 
 
 class _FusedInt8Linear(torch.autograd.Function):
@@ -116,11 +116,77 @@ def int8_linear_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> List[tor
     return [lin(x) for lin in linears]
 
 
+class _Epilogue(torch.autograd.Function):
+    """A GEMV with its epilogue fused (``triton_gemv.int8_gemv_gelu`` and kin); gradients from the
+    unfused PyTorch formula, recomputed (the kernel is chosen by device, dtype and shape alone)."""
+
+    @staticmethod
+    def forward(ctx, fused, formula, *inputs):
+        ctx.formula = formula
+        ctx.save_for_backward(*inputs)
+        return fused(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = triton_norm._reference_grads(ctx.needs_input_grad[2:], ctx.saved_tensors,
+                                             lambda *t: (ctx.formula(*t),), (grad,))
+        return (None, None, *grads)
+
+
+def _fused(fused, formula, *inputs):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _Epilogue.apply(fused, formula, *inputs)
+    return fused(*inputs)
+
+
+def _dequantized(weight, scale, dtype):
+    return weight.to(dtype) * scale.to(dtype)[:, None]
+
+
+def _gelu_formula(x, weight, scale, bias):
+    return F.gelu(F.linear(x, _dequantized(weight, scale, x.dtype), bias), approximate="tanh")
+
+
+def _gated_formula(x, w_in, s_in, w_gated, s_gated):
+    a = F.linear(x, _dequantized(w_in, s_in, x.dtype))
+    return F.gelu(a, approximate="tanh") * F.linear(x, _dequantized(w_gated, s_gated, x.dtype))
+
+
+def _add_formula(x, weight, scale, bias, residual):
+    return residual + F.linear(x, _dequantized(weight, scale, x.dtype), bias)
+
+
+def _bias(linear: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if linear.bias is None else linear.bias.to(x.dtype)
+
+
 def int8_gated_gelu(x: torch.Tensor, linear_in: nn.Module, linear_gated: nn.Module) -> torch.Tensor:
-    """``gelu_tanh(linear_in(x)) * linear_gated(x)`` (T5 v1.1's feed-forward input), both linears in
-    one kernel launch where ``int8_linear_group`` allows."""
-    a, g = int8_linear_group(x, (linear_in, linear_gated))
-    return F.gelu(a, approximate="tanh") * g
+    """``gelu_tanh(linear_in(x)) * linear_gated(x)`` (T5 v1.1's feed-forward input): for decode rows
+    on CUDA one kernel reads both weights and applies the GELU and product before its store (the
+    two fp16 roundings of the torch ops kept); elsewhere the modules and torch ops."""
+    pair = (linear_in, linear_gated)
+    if linear_in.bias is None and _one_launch(x, pair):
+        return _fused(triton_gemv.int8_gemv_gated, _gated_formula, x, linear_in.weight, linear_in.scale,
+                      linear_gated.weight, linear_gated.scale)
+    return F.gelu(linear_in(x), approximate="tanh") * linear_gated(x)
+
+
+def int8_linear_gelu(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """``gelu_tanh(linear(x))`` (GPT's feed-forward input): the GELU in the GEMV's epilogue for decode
+    rows on CUDA, the module and ``F.gelu`` elsewhere."""
+    if _one_launch(x, (linear,)):
+        return _fused(triton_gemv.int8_gemv_gelu, _gelu_formula, x, linear.weight, linear.scale, _bias(linear, x))
+    return F.gelu(linear(x), approximate="tanh")
+
+
+def int8_linear_add(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)`` (a block's residual connection): the add in the GEMV's epilogue for
+    decode rows on CUDA (the product rounded to fp16 first, as the two torch ops round)."""
+    if (_one_launch(x, (linear,)) and residual.dtype == x.dtype
+            and residual.shape == (*x.shape[:-1], linear.weight.shape[0])):
+        return _fused(triton_gemv.int8_gemv_add, _add_formula, x, linear.weight, linear.scale, _bias(linear, x),
+                      residual)
+    return residual + linear(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:

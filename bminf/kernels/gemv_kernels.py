@@ -29,12 +29,32 @@ def widen(w, PRMT: tl.constexpr):
         return w.to(tl.float16).to(tl.float32)
 
 
+# what the kernel does to x @ (w * s).T + b before the store: nothing, GELU (CPM-1's feed-forward
+# input), T5's gated GELU (the two input linears, gelu(y0) * y1, in one program), or a residual add
+PLAIN, GELU, GATED, ADD = (tl.constexpr(i) for i in range(4))  # triton_gemv has the same numbers
+
+
 @triton.jit
-def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, M, N, K,
+def gelu_tanh(a):
+    # torch's tanh-approximate GELU in fp32; tanh through exp, exact at +-inf (1 - 2 / (inf + 1) = 1)
+    u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+    return 0.5 * a * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+
+@triton.jit
+def fp16(a):
+    # round to fp16 and back: the epilogues round where the unfused torch ops store fp16 tensors
+    return a.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, r_ptr, M, N, K,
               GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, PRMT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # x (M, K); GROUP int8 weights (N, K) with scales (N,), biases (N,) and outputs (M, N): program p
     # does BLOCK_N rows of linear p // blocks. EVEN: the tiles divide N and K (no masks on w).
+    # GATED: GROUP is 2 and program p does BLOCK_N rows of both, storing gelu(y0) * y1 into y0.
+    # ADD: y0 = r + (x @ w0.T...), r (M, N).
     blocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     rn = (pid % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,7 +63,7 @@ def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, M, N, K,
     n_ok = rn < N
     which = pid // blocks
     w_ptr, s_ptr, b_ptr, y_ptr = w0, s0, b0, y0
-    if GROUP > 1:
+    if GROUP > 1 and EPILOGUE != GATED:
         if which == 1:
             w_ptr, s_ptr, b_ptr, y_ptr = w1, s1, b1, y1
     if GROUP > 2:
@@ -57,27 +77,49 @@ def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, M, N, K,
     # summed over K after the loop. The int8 tile is widened exactly either way.
     if BLOCK_M == 1:
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        out1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
+        w_at = rn[:, None] * K + kk[None, :]
         if EVEN:
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], eviction_policy="evict_first")
+            w = widen(tl.load(w_ptr + w_at, eviction_policy="evict_first"), PRMT)
+            if EPILOGUE == GATED:
+                w_1 = widen(tl.load(w1 + w_at, eviction_policy="evict_first"), PRMT)
         else:
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0,
-                        eviction_policy="evict_first")
-        w = widen(w, PRMT)
+            w_ok = n_ok[:, None] & (kk < K)[None, :]
+            w = widen(tl.load(w_ptr + w_at, mask=w_ok, other=0, eviction_policy="evict_first"), PRMT)
+            if EPILOGUE == GATED:
+                w_1 = widen(tl.load(w1 + w_at, mask=w_ok, other=0, eviction_policy="evict_first"), PRMT)
         if BLOCK_M == 1:
             x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
             out += tl.sum(x[None, :] * w, axis=1)
+            if EPILOGUE == GATED:
+                out1 += tl.sum(x[None, :] * w_1, axis=1)
         else:
             x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk < K)[None, :], other=0.0)
             acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+            if EPILOGUE == GATED:
+                acc1 += x.to(tl.float32)[:, None, :] * w_1[None, :, :]
     if BLOCK_M == 1:
         out = out[None, :]
+        out1 = out1[None, :]
     else:
         out = tl.sum(acc, axis=2)
+        out1 = tl.sum(acc1, axis=2)
     out *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y0.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
+    mn_ok = (rm[:, None] < M) & n_ok[None, :]
+    if EPILOGUE == GELU:
+        out = gelu_tanh(fp16(out))
+    if EPILOGUE == GATED:
+        out1 *= tl.load(s1 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            out1 += tl.load(b1 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = fp16(gelu_tanh(fp16(out))) * fp16(out1)
+    if EPILOGUE == ADD:
+        out = fp16(out) + tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=mn_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y0.dtype.element_ty), mask=mn_ok)

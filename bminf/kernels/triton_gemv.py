@@ -10,11 +10,14 @@ Measured on an H200 with weights that do not fit in L2 (``benchmark/int8_linear.
 launch costs a few microseconds of ramp-up and tail whatever its size, which is most of a 16 MB
 weight's 3.7 us at the HBM rate. So one launch does more than one linear where a layer allows:
 
-``int8_gemv_many`` runs up to three linears of one shape on the same input (attention's q, k and v;
-T5's two feed-forward inputs), the programs of all of them in one grid: CPM-2's q/k/v take 20.9 us
-in one launch against 26.2 us in three, its two feed-forward inputs (with the GELU and product
-after them) 32.0 us against 35.7. (Fusing the GELU and product into the same kernel, two
-accumulators per program, measured slower at CPM-2's size: 53.5 us against 43.1 for four kernels.)
+``int8_gemv_many`` runs up to three linears of one shape on the same input (attention's q, k and v),
+the programs of all of them in one grid: CPM-2's q/k/v take 20.9 us in one launch against 26.2 us
+in three. The kernel also applies what follows a linear before its store (``EPILOGUE``):
+``int8_gemv_gated`` is T5's feed-forward input, each program reading the same rows of both weights
+and storing ``gelu(a) * g`` (CPM-2: 22.2 us, 88% of HBM read, against 26.5 for one launch then the
+GELU and product; h200_run14.log), ``int8_gemv_gelu`` GPT's (9.2 us against 10.4 at CPM-1's size)
+and ``int8_gemv_add`` a residual add (9.9 against 11.2). The epilogues round to fp16 where the torch
+ops they replace store fp16 tensors, so they differ from them only in the GELU's tanh.
 
 int8 is widened to fp32 without conversion instructions, which on Hopper run at a quarter of the
 FMA rate, about the HBM byte rate: a byte permute puts ``v + 128`` under the exponent of 2^23 and
@@ -28,8 +31,8 @@ accumulator of BLOCK_N floats, so registers go to loads in flight) with the weig
 
 Tiles come from ``config(m, n, k)``: a table for the shapes of CPM-1 (2560/10240), CPM-2 (4096/10240)
 and EVA (2048/5120), and a rule for other shapes. ``BMINF_GEMV_TABLE`` names a JSON file
-(``{"NxK": [BLOCK_N, BLOCK_K, num_warps, num_stages]}``, as ``--table-out`` writes it) whose entries
-take precedence, for tuning another GPU.
+(``{"NxK": [BLOCK_N, BLOCK_K, num_warps, num_stages]}``, as ``--table-out`` writes it; ``"NxKx2"``
+for the gated GELU) whose entries take precedence, for tuning another GPU.
 """
 import functools
 import json
@@ -40,15 +43,18 @@ import torch
 
 MAX_ROWS = 4
 MAX_GROUP = 3
+PLAIN, GELU, GATED, ADD = 0, 1, 2, 3  # the kernel's epilogues (gemv_kernels)
 
 # (n, k) -> (BLOCK_N, BLOCK_K, num_warps, num_stages) for one row: the fastest in a sweep on an H200
 # (2026-11-29, Triton 3.6; benchmark/results/h200_gemv_sweep2.json), weights rotating through more
 # memory than L2 holds, widening by byte permutes. num_stages is 1: Triton pipelines only loads that
 # feed tl.dot, so it changes nothing here.
-TABLE: Dict[Tuple[int, int], Tuple[int, int, int, int]] = {
+TABLE: Dict[Tuple[int, ...], Tuple[int, int, int, int]] = {
     (4096, 4096): (2, 2048, 2, 1), (10240, 4096): (4, 1024, 2, 1), (4096, 10240): (2, 2048, 2, 1),     # CPM-2
     (2560, 2560): (2, 512, 2, 1), (10240, 2560): (4, 512, 2, 1), (2560, 10240): (2, 2048, 2, 1),       # CPM-1
     (2048, 2048): (2, 2048, 4, 1), (5120, 2048): (2, 2048, 2, 1), (2048, 5120): (1, 1024, 4, 1),       # EVA
+    # T5's gated GELU: each program reads the tile of both input weights (h200_run14.log)
+    (10240, 4096, 2): (4, 512, 2, 1), (5120, 2048, 2): (2, 512, 2, 1),
 }
 
 
@@ -61,7 +67,7 @@ def _four(tiles, name: str) -> Tuple[int, int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _table() -> Dict[Tuple[int, int], Tuple[int, int, int, int]]:
+def _table() -> Dict[Tuple[int, ...], Tuple[int, int, int, int]]:
     table = dict(TABLE)
     path = os.environ.get("BMINF_GEMV_TABLE")
     if path:
@@ -99,8 +105,9 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def config(m: int, n: int, k: int, device: torch.device) -> Tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for an (m, k) x (n, k)^T problem.
+def config(m: int, n: int, k: int, device: torch.device, weights: int = 1) -> Tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for an (m, k) x (n, k)^T problem, each
+    program reading that tile of ``weights`` matrices (2: the gated GELU).
 
     The rule: the widest power-of-two tile of output features that still gives every
     multiprocessor four programs (memory parallelism comes from many programs in flight), 512
@@ -115,8 +122,10 @@ def config(m: int, n: int, k: int, device: torch.device) -> Tuple[int, int, int,
         while block_n > 4 and n // block_n < 4 * multiprocessors(device):
             block_n //= 2
         block_k, warps, stages = 512, 4, 2
-    # the accumulator holds BLOCK_M * BLOCK_N * BLOCK_K fp32 values over 32 * warps threads
-    while block_m * block_n * block_k > 64 * 32 * warps and block_k > 64:
+    if (n, k, weights) in table:
+        block_n, block_k, warps, stages = table[(n, k, weights)]
+    # the accumulators hold weights * BLOCK_M * BLOCK_N * BLOCK_K fp32 values over 32 * warps threads
+    while weights * block_m * block_n * block_k > 64 * 32 * warps and block_k > 64:
         block_k //= 2
     return block_m, block_n, block_k, warps, stages
 
@@ -129,7 +138,8 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
-            biases: Sequence[Optional[torch.Tensor]], tiles) -> List[torch.Tensor]:
+            biases: Sequence[Optional[torch.Tensor]], tiles, epilogue: int = 0,
+            residual: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     kernel, cdiv = _kernel()
     n, k = weights[0].shape
     for w in weights[1:]:
@@ -138,21 +148,23 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
                              f"and {tuple(w.shape)}")
     x2 = _rows(x, k)
     m = x2.shape[0]
-    block_m, block_n, block_k, warps, stages = config(m, n, k, x.device)
+    gated = epilogue == GATED
+    block_m, block_n, block_k, warps, stages = config(m, n, k, x.device, 2 if gated else 1)
     if tiles is not None:
         block_n, block_k, warps, stages = _four(tiles, "tiles")
-    outs = [torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in weights]
+    outs = [torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in weights[:1 if gated else None]]
     has_bias = biases[0] is not None
     s = [t.contiguous() for t in scales]
     b = [t.to(x.dtype).contiguous() for t in biases] if has_bias else s  # placeholders when absent
+    r = x2 if residual is None else residual.reshape(m, n).contiguous()
 
     def pad(seq):  # the kernel always takes three of each
         return list(seq) + [seq[0]] * (MAX_GROUP - len(seq))
 
-    grid = (cdiv(n, block_n) * len(weights),)
-    kernel[grid](x2, *pad(weights), *pad(s), *pad(b), *pad(outs), m, n, k, GROUP=len(weights), HAS_BIAS=has_bias,
-                 EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), BLOCK_M=block_m,
-                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    grid = (cdiv(n, block_n) * (1 if gated else len(weights)),)
+    kernel[grid](x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, m, n, k, GROUP=len(weights), HAS_BIAS=has_bias,
+                 EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), EPILOGUE=epilogue,
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return [y.reshape(*x.shape[:-1], n) for y in outs]
 
 
@@ -181,3 +193,29 @@ def int8_gemv_many(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Seq
         raise ValueError("int8_gemv_many: give a bias for every weight or for none")
     return _launch(x, list(weights), list(scales), biases, tiles)
 
+
+
+def int8_gemv_gelu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``gelu_tanh(int8_gemv(x, weight, scale, bias))`` in one launch (GPT's feed-forward input)."""
+    return _launch(x, [weight], [scale], [bias], None, GELU)[0]
+
+
+def int8_gemv_gated(x: torch.Tensor, weight_in: torch.Tensor, scale_in: torch.Tensor, weight_gated: torch.Tensor,
+                    scale_gated: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(int8_gemv(x, weight_in, scale_in)) * int8_gemv(x, weight_gated, scale_gated)`` (T5 v1.1's
+    feed-forward input) in one launch, each program reading the same rows of both weights."""
+    if weight_in.shape != weight_gated.shape:
+        raise ValueError(f"int8_gemv_gated: the two weights must share one shape, got {tuple(weight_in.shape)} "
+                         f"and {tuple(weight_gated.shape)}")
+    return _launch(x, [weight_in, weight_gated], [scale_in, scale_gated], [None, None], None, GATED)[0]
+
+
+def int8_gemv_add(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                  residual: torch.Tensor) -> torch.Tensor:
+    """``residual + int8_gemv(x, weight, scale, bias)`` in one launch (the output rounded to fp16 before
+    the add, as the two torch ops round)."""
+    if residual.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"int8_gemv_add: residual shape {tuple(residual.shape)} does not match the output "
+                         f"{(*x.shape[:-1], weight.shape[0])}")
+    return _launch(x, [weight], [scale], [bias], None, ADD, residual.to(x.dtype))[0]

@@ -121,13 +121,13 @@ def _reference_grads(needs, inputs, outputs_of, grads):
     """Gradients of the PyTorch formula ``outputs_of(*inputs)``, recomputed: the kernel is chosen by
     device and dtype alone, so a block recomputed for backward sees its forward's numbers."""
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+        leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
         outs = [o for o in outputs_of(*leaves) if o is not None]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        wanted = [t for t in leaves if t.requires_grad]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
         found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                      if wanted and pairs else ())
-    return [next(found) if t.requires_grad else None for t in leaves]
+    return [next(found) if t is not None and t.requires_grad else None for t in leaves]
 
 
 class _Residual(torch.autograd.Function):

@@ -1,20 +1,23 @@
+from typing import Optional
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..kernels import int8_gated_gelu
+from ..kernels import int8_gated_gelu, int8_linear_add, int8_linear_gelu
 
 
 class FeedForward(nn.Module):
-    """GPT feed-forward: ``linear_out(gelu_tanh(linear_in(x)))``."""
+    """GPT feed-forward: ``linear_out(gelu_tanh(linear_in(x)))``, plus ``residual`` when given."""
 
     def __init__(self, d_model: int, d_ff: int, bias: bool = True):
         super().__init__()
         self.linear_in = nn.Linear(d_model, d_ff, bias=bias)
         self.linear_out = nn.Linear(d_ff, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_out(F.gelu(self.linear_in(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # decoding int8 on CUDA, the GELU and the residual add run in the two GEMVs' epilogues
+        h = int8_linear_gelu(x, self.linear_in)
+        return self.linear_out(h) if residual is None else int8_linear_add(h, self.linear_out, residual)
 
 
 class GatedFeedForward(nn.Module):
@@ -31,5 +34,5 @@ class GatedFeedForward(nn.Module):
         self.linear_out = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one kernel for both input linears and the GELU when decoding int8 on CUDA
+        # one kernel for both input linears, the GELU and the product when decoding int8 on CUDA
         return self.linear_out(int8_gated_gelu(x, self.linear_in, self.linear_gated))

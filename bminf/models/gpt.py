@@ -52,7 +52,7 @@ class GPTBlock(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor, kv=None) -> torch.Tensor:
         # x + attn, and the norm of that, in one kernel on CUDA
         x, h = self.ln_ff.add_and_norm(x, self.self_attn(self.ln_attn(x), bias, kv))
-        return x + self.ff(h)
+        return self.ff(h, residual=x)  # x + ff(h), the add fused into ff's last GEMV on CUDA
 
 
 class GPT(nn.Module):
