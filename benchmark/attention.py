@@ -1,6 +1,6 @@
 """Decode attention (one query row per head) at the shapes of CPM-1, CPM-2 and EVA: time and bytes per second.
 
-    python benchmark/attention.py --out attention.json
+    python -m benchmark.attention --out attention.json
 
 For each model, batch size and key length it times on one GPU ``F.scaled_dot_product_attention``
 against our Triton kernel (``triton_attention``): with the keys split across programs as
