@@ -60,6 +60,10 @@ def main():
                     pos = torch.tensor([at], device="cuda")
                     cases[f"store@{at}"] = (lambda i, pos=pos: triton_attention.attend_and_store(
                         q, *kvs[i], bias, scale, length, new, new, pos), at + 1)
+                    for read_back in (False, True):
+                        cases[f"store@{at} {'read back' if read_back else 'registers'}"] = (
+                            lambda i, pos=pos, r=read_back: triton_attention.attend_and_store(
+                                q, *kvs[i], bias, scale, length, new, new, pos, read_back=r), at + 1)
                     if args.unbound:
                         cases[f"store@{at} reading all"] = (lambda i, pos=pos: triton_attention._launch(
                             q, *kvs[i], bias, scale, length, new, new, pos, bound=False), length)

@@ -375,13 +375,14 @@ for b, h, d, t, scale in [(1, 4, 64, 64, 1.0), (2, 3, 80, 200, 80 ** -0.5), (3, 
     length, pos = t - 7, t - 9 - t // 4
     after = torch.arange(length) > pos
     step_bias = bias[..., :length].masked_fill(after, -30000.0)
-    for splits in (None, 1, 5):
+    for splits, read_back in ((None, None), (1, False), (1, True), (5, False), (5, True)):
         kc, vc = k.clone(), v.clone()
         kc[:, :, pos + 1:], vc[:, :, pos + 1:] = float("nan"), float("nan")  # never read: NaN would show
         kc, vc = kc.to(dev), vc.to(dev)
         kn, vn = torch.randn(b, h, 1, d).half(), torch.randn(b, h, 1, d).half()
         y = triton_attention.attend_and_store(q.to(dev), kc, vc, step_bias.to(dev), scale, length,
-                                              kn.to(dev), vn.to(dev), torch.tensor([pos], device=dev), splits=splits)
+                                              kn.to(dev), vn.to(dev), torch.tensor([pos], device=dev), splits=splits,
+                                              read_back=read_back)
         k2, v2 = k.clone(), v.clone()
         k2[:, :, pos], v2[:, :, pos] = kn[:, :, 0], vn[:, :, 0]
         assert torch.equal(kc[:, :, :pos + 1].cpu(), k2[:, :, :pos + 1]), "the cache was not written at pos alone"

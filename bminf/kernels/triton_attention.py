@@ -11,7 +11,8 @@ not read back, so no other program's store has to be waited for.
 Where the (row, head)s leave multiprocessors idle (batch 1) and there are more than 256 keys, the
 keys are split across programs (flash-decoding) and a second small kernel combines the partial
 softmaxes. A graphed step does not read the keys after its own position: they are masked for every
-row, and a masked key adds exactly 0.
+row, and a masked key adds exactly 0. Where it stores the step's key and value, large batches read
+them back from the cache after a barrier, batch 1 takes them from registers.
 
 Measured on an H200 (``benchmark/attention.py``, keys and values rotating through more memory than
 L2; benchmark/results/h200_run14.log): at batch 1 and 256 keys 4.9/5.8/4.5 us for CPM-2/CPM-1/EVA
@@ -47,8 +48,8 @@ def _kernel():
     @triton.jit
     def decode_attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, kn_ptr, vn_ptr, pos_ptr, part_ptr, H, L, CHUNK, scale,
                          sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b, sb_h, sn_b, sn_h, D: tl.constexpr,
-                         WRITE: tl.constexpr, BOUND: tl.constexpr, SPLIT: tl.constexpr, BLOCK_L: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         WRITE: tl.constexpr, READ_BACK: tl.constexpr, BOUND: tl.constexpr, SPLIT: tl.constexpr,
+                         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
         # q (B, H, D), k/v (B, H, >= L, D) with strides, bias (B, H, L) with strides (0 where it
         # broadcasts), o (B, H, D) contiguous; WRITE: the new kn/vn (B, H, D) go to position *pos_ptr.
         # Program (row * H + head, split) takes keys [split * CHUNK, split * CHUNK + CHUNK); with SPLIT
@@ -67,9 +68,16 @@ def _kernel():
             pos = tl.load(pos_ptr).to(tl.int32)  # key indices in 32 bits, as without WRITE
             kn = tl.load(kn_ptr + b * sn_b + h * sn_h + rd, mask=d_ok, other=0.0)
             vn = tl.load(vn_ptr + b * sn_b + h * sn_h + rd, mask=d_ok, other=0.0)
-            if split == 0:
-                tl.store(k_row + pos * sk_l + rd, kn, mask=d_ok)
-                tl.store(v_row + pos * sv_l + rd, vn, mask=d_ok)
+            if READ_BACK:  # the program whose keys hold pos stores there, then reads it back with the rest
+                at = tl.zeros((BLOCK_D,), tl.int32) + pos  # a vector: the interpreter takes no scalar mask
+                mine = (at >= start) & (at < start + CHUNK)
+                tl.store(k_row + pos * sk_l + rd, kn, mask=d_ok & mine)
+                tl.store(v_row + pos * sv_l + rd, vn, mask=d_ok & mine)
+                tl.debug_barrier()  # the program's stores are visible to all its threads after this
+            else:
+                if split == 0:
+                    tl.store(k_row + pos * sk_l + rd, kn, mask=d_ok)
+                    tl.store(v_row + pos * sv_l + rd, vn, mask=d_ok)
             if BOUND:  # keys after this step's are masked for every row (the cache fills left to right),
                 # and a masked key adds exactly 0: not reading them changes no bit of the result
                 end = tl.minimum(end, pos + 1)
@@ -82,7 +90,8 @@ def _kernel():
             tile = l_ok[:, None] & d_ok[None, :]
             k = tl.load(k_row + rl[:, None] * sk_l + rd[None, :], mask=tile, other=0.0)
             v = tl.load(v_row + rl[:, None] * sv_l + rd[None, :], mask=tile, other=0.0)
-            if WRITE:  # this step's key and value from registers (the stores above may not be visible yet)
+            if WRITE and not READ_BACK:  # this step's key and value from registers (the stores above
+                # are another program's, not visible yet)
                 here = (rl == pos)[:, None]
                 k = tl.where(here, kn[None, :], k)
                 v = tl.where(here, vn[None, :], v)
@@ -160,12 +169,12 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
 
 def attend_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
                      length: int, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor,
-                     splits: Optional[int] = None) -> torch.Tensor:
+                     splits: Optional[int] = None, read_back: Optional[bool] = None) -> torch.Tensor:
     """A graphed decode step's self-attention: write ``new_k``/``new_v`` (B, H, 1, D) into the cache
     k/v (B, H, T, D) at the position held in the one-element device tensor ``pos``, then attend over
     the first ``length`` positions (bias broadcastable to (B, H, 1, length)); positions after ``pos``
     are taken as masked and not read. No autograd."""
-    return _launch(q, k, v, bias, scale, length, new_k, new_v, pos, splits=splits)
+    return _launch(q, k, v, bias, scale, length, new_k, new_v, pos, splits=splits, read_back=read_back)
 
 
 def splits_for(rows: int, length: int, device: torch.device) -> int:
@@ -178,7 +187,7 @@ def splits_for(rows: int, length: int, device: torch.device) -> int:
 
 
 def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, block_l=None, warps=None, splits=None,
-            bound=True):
+            bound=True, read_back=None):
     kernel, combine, next_pow2 = _kernel()
     batch, heads, _, d = q.shape
     bias = bias.expand(batch, heads, 1, length)
@@ -204,6 +213,12 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
     # 8 warps for d_head > 64 at batch 1 (CPM-1's 256 keys: 5.5 us against 6.7), 4 for large batches
     # (CPM-1 at batch 32, 512 keys: 66 us against 85; h200_run15.log)
     warps = warps or (8 if d > 64 and block_l > 64 and rows < triton_gemv.multiprocessors(q.device) else 4)
+    # Storing the step's key and value: in large batches the program that holds that position stores
+    # it and reads it back after a barrier (CPM-2 at batch 32, 512 keys: 71.8 us against 90.6 with a
+    # tl.where over every tile; CPM-1 85 against 113); at batch 1 the programs take it from registers,
+    # which spares the barrier's wait (6.8 us against 7.4; h200_run19.log)
+    if read_back is None:
+        read_back = write and rows >= triton_gemv.multiprocessors(q.device)
     chunk = -(-length // splits)
     chunk = -(-chunk // block_l) * block_l
     splits = -(-length // chunk)
@@ -212,7 +227,8 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
     kernel[(rows, splits)](q, k, v, bias, out, new_k, new_v, pos, part, heads, length, chunk, scale,
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                            v.stride(0), v.stride(1), v.stride(2), bias.stride(0), bias.stride(1),
-                           new_k.stride(0), new_k.stride(1), D=d, WRITE=write, BOUND=bound, SPLIT=splits > 1,
+                           new_k.stride(0), new_k.stride(1), D=d, WRITE=write, READ_BACK=read_back, BOUND=bound,
+                           SPLIT=splits > 1,
                            BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)
     if splits > 1:
         combine[(rows,)](part, out, splits, D=d, BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d, num_warps=1)
