@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--unbound", action="store_true", help="also store-and-attend reading every key")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("this times the Triton attention kernel on a GPU; no CUDA device is available")
     ceiling = hbm_read_gbs()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; HBM read ceiling {ceiling:.0f} GB/s")
     results = {"device": torch.cuda.get_device_name(), "hbm_read_gbs": ceiling, "cases": []}

@@ -1,0 +1,22 @@
+"""The GPU-only benchmark scripts refuse a machine without CUDA in one line, not with a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+@pytest.mark.parametrize("argv, says", [
+    (["-m", "benchmark.attention"], "no CUDA device is available"),
+    (["benchmark/int8_linear.py"], "no CUDA device is available"),
+    (["-m", "benchmark.profile_decode", "--device", "cpu"], "it needs a CUDA device"),
+])
+def test_gpu_benchmarks_refuse_without_cuda(argv, says):
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert says in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
