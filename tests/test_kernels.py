@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bminf.kernels import int8_linear, triton_int8
+from bminf.kernels import int8_linear, triton_attention, triton_int8
 from bminf.quantization import quantize_weight
 
 # (rows, out_features, in_features): decode and small batches, odd sizes that leave partial tiles
@@ -409,3 +409,14 @@ def test_decode_attention_kernel_in_the_interpreter():
 @pytest.mark.gpu
 def test_decode_attention_kernel_on_gpu():
     assert run_check(ATTENTION_CHECK, "cuda") < 2e-3
+
+
+def test_attention_splits_keys_only_where_one_program_per_head_would_leave_the_gpu_idle(monkeypatch):
+    from bminf.kernels import triton_gemv
+    monkeypatch.setattr(triton_gemv, "multiprocessors", lambda device: 132)  # an H200
+    gpu = torch.device("cuda")
+    assert triton_attention.splits_for(64, 256, gpu) == 1     # CPM-2 at batch 1, up to 256 keys: one pass
+    assert triton_attention.splits_for(64, 512, gpu) == 8     # beyond: 64 keys to a program
+    assert triton_attention.splits_for(32, 300, gpu) == 5
+    assert triton_attention.splits_for(1, 1 << 20, gpu) == triton_attention.MAX_SPLITS
+    assert triton_attention.splits_for(2048, 512, gpu) == 1   # batch 32: the (row, head)s fill the GPU
