@@ -5,10 +5,11 @@
 For each model, batch size and key length it times on one GPU ``F.scaled_dot_product_attention``
 against our Triton kernel (``triton_attention``): with the keys split across programs as
 ``splits_for`` chooses, with each number of splits given by ``--splits``, and unsplit with each
-tile of ``--tiles``. ``store@`` rows
-are a graphed step's store-and-attend with the step at that position of the bucket: keys after it
-are not read. Bytes are the keys and values read (every position for SDPA and plain attention, up to
-the step for ``store@``), against the HBM read ceiling measured in the same run.
+tile of ``--tiles``. ``store@`` rows are a graphed step's store-and-attend with the step at that
+position of the bucket (keys after it are not read): as chosen, then with the new key and value
+taken from registers and read back from the cache. Bytes are the keys and values read (every
+position for SDPA and plain attention, up to the step for ``store@``), against the HBM read ceiling
+measured in the same run.
 """
 import argparse
 import json

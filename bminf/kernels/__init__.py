@@ -32,9 +32,13 @@ class _FusedInt8Linear(torch.autograd.Function):
         return None, grad_x, None, None, grad_b
 
 
+def _dequantized(weight, scale, dtype):
+    return weight.to(dtype) * scale.to(dtype)[:, None]
+
+
 def _linear_grads(grad, weight, scale, want_x: bool, want_b: bool):
     """Input and bias gradients of ``x @ (weight * scale[:, None]).T + bias``, from the dequantized weight."""
-    grad_x = grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)[:, None]) if want_x else None
+    grad_x = grad @ _dequantized(weight, scale, grad.dtype) if want_x else None
     grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if want_b else None
     return grad_x, grad_b
 
@@ -137,10 +141,6 @@ def _fused(fused, formula, *inputs):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return _Epilogue.apply(fused, formula, *inputs)
     return fused(*inputs)
-
-
-def _dequantized(weight, scale, dtype):
-    return weight.to(dtype) * scale.to(dtype)[:, None]
 
 
 def _gelu_formula(x, weight, scale, bias):

@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+from . import triton_gemv
+
 # int8 -> fp32 without a conversion instruction (I2F runs at a quarter of the FMA rate, near the
 # HBM byte rate on an H200): flip the sign bit (u = v + 128), place u under the exponent of 2^23
 # with one byte permute (the float 2^23 + u, exact), subtract 2^23 + 128. Four bytes in, four
@@ -29,9 +31,11 @@ def widen(w, PRMT: tl.constexpr):
         return w.to(tl.float16).to(tl.float32)
 
 
-# what the kernel does to x @ (w * s).T + b before the store: nothing, GELU (CPM-1's feed-forward
-# input), T5's gated GELU (the two input linears, gelu(y0) * y1, in one program), or a residual add
-PLAIN, GELU, GATED, ADD = (tl.constexpr(i) for i in range(4))  # triton_gemv has the same numbers
+# what the kernel does to x @ (w * s).T + b before the store (triton_gemv's numbers, as constants the
+# kernel can read): nothing, GELU (CPM-1's feed-forward input), T5's gated GELU (the two input
+# linears, gelu(y0) * y1, in one program), or a residual add
+PLAIN, GELU, GATED, ADD = (tl.constexpr(i) for i in (triton_gemv.PLAIN, triton_gemv.GELU, triton_gemv.GATED,
+                                                     triton_gemv.ADD))
 
 
 @triton.jit

@@ -5,8 +5,7 @@ A decode step of CPM-2 attends 48 times with a single query per row, and each ca
 mostly padding), against ~1 us of bytes to read at batch 1. Writing the step's new key and value
 into the cache was two more kernels per layer (``index_copy_``). Here one program per (row, head)
 streams that head's keys and values once, with an online softmax in fp32, and, for the cache of a
-graphed step, stores the new key and value at their position first: they are taken from registers,
-not read back, so no other program's store has to be waited for.
+graphed step, also stores the new key and value at their position.
 
 Where the (row, head)s leave multiprocessors idle (batch 1) and there are more than 256 keys, the
 keys are split across programs (flash-decoding) and a second small kernel combines the partial
@@ -206,19 +205,19 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
     # (flash-decoding; a second small kernel combines the partial softmaxes) 7.9/7.2/6.8 us, but
     # 10.0/8.8/9.3 us at 128 keys to a program (h200_run14.log). Up to 256 keys one program per
     # (row, head) was as fast or faster (CPM-2: 4.9 us against 6.7 split). Large batches keep one
-    # program per (row, head): 256 keys per pass, 8 warps for d_head > 64 (CPM-2 at batch 32: 88%
-    # of HBM read).
+    # program per (row, head), 256 keys per pass (CPM-2 at batch 32: 88% of HBM read).
     splits = splits or splits_for(rows, length, q.device)
     block_l = block_l or (SPLIT_KEYS if splits > 1 else min(UNSPLIT_KEYS, max(16, next_pow2(length))))
+    fills_gpu = rows >= triton_gemv.multiprocessors(q.device)  # a large batch
     # 8 warps for d_head > 64 at batch 1 (CPM-1's 256 keys: 5.5 us against 6.7), 4 for large batches
     # (CPM-1 at batch 32, 512 keys: 66 us against 85; h200_run15.log)
-    warps = warps or (8 if d > 64 and block_l > 64 and rows < triton_gemv.multiprocessors(q.device) else 4)
+    warps = warps or (8 if d > 64 and block_l > 64 and not fills_gpu else 4)
     # Storing the step's key and value: in large batches the program that holds that position stores
     # it and reads it back after a barrier (CPM-2 at batch 32, 512 keys: 71.8 us against 90.6 with a
     # tl.where over every tile; CPM-1 85 against 113); at batch 1 the programs take it from registers,
     # which spares the barrier's wait (6.8 us against 7.4; h200_run19.log)
     if read_back is None:
-        read_back = write and rows >= triton_gemv.multiprocessors(q.device)
+        read_back = write and fills_gpu
     chunk = -(-length // splits)
     chunk = -(-chunk // block_l) * block_l
     splits = -(-length // chunk)
@@ -228,8 +227,7 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                            v.stride(0), v.stride(1), v.stride(2), bias.stride(0), bias.stride(1),
                            new_k.stride(0), new_k.stride(1), D=d, WRITE=write, READ_BACK=read_back, BOUND=bound,
-                           SPLIT=splits > 1,
-                           BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)
+                           SPLIT=splits > 1, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)
     if splits > 1:
         combine[(rows,)](part, out, splits, D=d, BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d, num_warps=1)
     return out.transpose(1, 2)  # (B, H, 1, D), a view of (B, 1, H, D): merging the heads is free

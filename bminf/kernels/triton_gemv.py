@@ -43,7 +43,7 @@ import torch
 
 MAX_ROWS = 4
 MAX_GROUP = 3
-PLAIN, GELU, GATED, ADD = 0, 1, 2, 3  # the kernel's epilogues (gemv_kernels)
+PLAIN, GELU, GATED, ADD = 0, 1, 2, 3  # the kernel's epilogues (gemv_kernels reads these)
 
 # (n, k) -> (BLOCK_N, BLOCK_K, num_warps, num_stages) for one row: the fastest in a sweep on an H200
 # (2026-11-29, Triton 3.6; benchmark/results/h200_gemv_sweep2.json), weights rotating through more
