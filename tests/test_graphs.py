@@ -161,3 +161,37 @@ def test_graphed_encoder_pads_to_a_bucket_and_matches_eager_on_gpu():
     assert sorted(dec.encoders) == [64, 100]
     with pytest.raises(ValueError, match="input_ids"):
         dec.encode(torch.full((2, 5), model.config.vocab_size, device="cuda"))  # checked before any replay
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gpt", "t5"])
+def test_dependent_launch_changes_no_bit_of_a_graphed_decode(kind, monkeypatch):
+    # With PDL each kernel may start before the one ahead of it has finished (kernels.dependent_launch):
+    # a kernel that read its input too early would give other numbers than in plain stream order. The
+    # model is large enough for the GEMV to run several tiles per program and, with 270 keys, for the
+    # attention to split them (the combine kernel)
+    from bminf.kernels import dependent_launch
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    size = dict(d_model=1024, d_ff=2816, n_heads=16, d_head=64)
+    runs = []
+    for value in ("1", "0"):
+        monkeypatch.setenv("BMINF_PDL", value)
+        dependent_launch.enabled.cache_clear()
+        assert dependent_launch.enabled(torch.device("cuda")) == (value == "1")
+        torch.manual_seed(0)
+        if kind == "gpt":
+            model = quantize_(tiny_gpt(max_positions=512, **size)).cuda().half()
+            prompt = torch.randint(0, model.config.vocab_size, (1, 270), device="cuda")
+            dec = GraphedDecoder(model, batch_size=1, max_length=300, buckets=[300])
+            runs.append(greedy_gpt(model, prompt, torch.ones_like(prompt, dtype=torch.bool), 12, dec))
+        else:
+            model = quantize_(tiny_t5(**size)).cuda().half()
+            src = torch.randint(0, model.config.vocab_size, (1, 30), device="cuda")
+            dec = GraphedDecoder(model, batch_size=1, max_length=40, max_source_length=32, buckets=[40])
+            runs.append(greedy_t5(model, src, torch.ones_like(src, dtype=torch.bool),
+                                  torch.zeros(1, 1, dtype=torch.long, device="cuda"), 12, dec))
+        assert dec.use_graphs
+    dependent_launch.enabled.cache_clear()
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -420,3 +420,18 @@ def test_attention_splits_keys_only_where_one_program_per_head_would_leave_the_g
     assert triton_attention.splits_for(32, 300, gpu) == 5
     assert triton_attention.splits_for(1, 1 << 20, gpu) == triton_attention.MAX_SPLITS
     assert triton_attention.splits_for(2048, 512, gpu) == 1   # batch 32: the (row, head)s fill the GPU
+
+
+def test_dependent_launch_is_checked_and_off_without_a_hopper_gpu(monkeypatch):
+    from bminf.kernels import dependent_launch
+    dependent_launch.enabled.cache_clear()
+    monkeypatch.setenv("BMINF_PDL", "yes")
+    with pytest.raises(ValueError, match="BMINF_PDL must be '0' or '1', got 'yes'"):
+        dependent_launch.enabled(torch.device("cpu"))
+    monkeypatch.setenv("BMINF_PDL", "1")
+    dependent_launch.enabled.cache_clear()
+    assert dependent_launch.options(torch.device("cpu")) == {"PDL": False}  # no launch_pdl for the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dependent_launch.enabled.cache_clear()
+    assert not dependent_launch.enabled(torch.device("cuda"))  # checked before asking for the capability
+    dependent_launch.enabled.cache_clear()

@@ -29,6 +29,10 @@ kernel took 9.7/22.5/20.5 us). For one row, summing each tile's products over K 
 accumulator of BLOCK_N floats, so registers go to loads in flight) with the weight loaded
 ``evict_first`` then took 6.5/12.5/13.1 us (60/78/75% of HBM read; h200_gemv_sweep2.log).
 
+Launched with programmatic dependent launch (``dependent_launch``), each program loads its first
+weight tile, its scales and bias while the kernel before it is finishing, and waits for it only to
+read ``x``.
+
 Tiles come from ``config(m, n, k)``: a table for the shapes of CPM-1 (2560/10240), CPM-2 (4096/10240)
 and EVA (2048/5120), and a rule for other shapes. ``BMINF_GEMV_TABLE`` names a JSON file
 (``{"NxK": [BLOCK_N, BLOCK_K, num_warps, num_stages]}``, as ``--table-out`` writes it; ``"NxKx2"``
@@ -40,6 +44,8 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from . import dependent_launch
 
 MAX_ROWS = 4
 MAX_GROUP = 3
@@ -164,7 +170,8 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
     grid = (cdiv(n, block_n) * (1 if gated else len(weights)),)
     kernel[grid](x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, m, n, k, GROUP=len(weights), HAS_BIAS=has_bias,
                  EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), EPILOGUE=epilogue,
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+                 **dependent_launch.options(x.device))
     return [y.reshape(*x.shape[:-1], n) for y in outs]
 
 

@@ -11,76 +11,32 @@ sum over the row is added up in another order.
 that follows it, which in PyTorch are seven or more kernels. ``layer_norm`` does the same for GPT's
 pre-norm blocks: the residual add and the LayerNorm after it in one kernel.
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from . import dependent_launch
 from .triton_int8 import available
 
 MAX_DIM = 16384
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
+def _kernels():
+    from . import norm_kernels  # imported on first use: it imports triton
+    return norm_kernels
+
+
+def _whole_rows(x: torch.Tensor) -> dict:
+    """Launch options of the kernels here, one program per row of ``x``: the row's width rounded up to a
+    power of two, a warp per 256 of it (1 to 16), and dependent launch where the GPU has it."""
     import triton
-    import triton.language as tl
-
-    @triton.jit
-    def rms_norm(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < D
-        x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-        normed = (x * r).to(y_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + row * D + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
-
-    return rms_norm
-
-
-def _whole_rows(d: int) -> dict:
-    """Launch options of the kernels here, one program per row: the row's width rounded up to a power
-    of two, a warp per 256 of it (1 to 16)."""
-    import triton
-    block = triton.next_power_of_2(d)
-    return dict(BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    block = triton.next_power_of_2(x.shape[-1])
+    return dict(BLOCK=block, num_warps=min(16, max(1, block // 256)), **dependent_launch.options(x.device))
 
 
 # fp16's largest value less 1000, on fp16's grid: where HF's T5 clamps an overflowing residual
 FP16_CLAMP = float(torch.tensor(torch.finfo(torch.float16).max - 1000, dtype=torch.float16))
-
-
-@functools.lru_cache(maxsize=None)
-def _residual_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def residual_norm(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, D, eps, limit,
-                      CLAMP: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
-        # s = x + h rounded as torch rounds it; in fp16, a row holding an inf is clamped to
-        # +-limit; y = RMSNorm(s) as rms_norm above computes it
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < D
-        x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
-        s = (x + h).to(s_ptr.dtype.element_ty).to(tl.float32)
-        if CLAMP:
-            has_inf = tl.max(tl.where(ok & (tl.abs(s) == float("inf")), 1, 0), axis=0) > 0
-            s = tl.where(has_inf & (s > limit), limit, tl.where(has_inf & (s < -limit), -limit, s))
-        tl.store(s_ptr + row * D + cols, s.to(s_ptr.dtype.element_ty), mask=ok)
-        if NORM:
-            s = tl.where(ok, s, 0.0)
-            r = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / D + eps)
-            normed = (s * r).to(y_ptr.dtype.element_ty).to(tl.float32)
-            w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(y_ptr + row * D + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
-
-    return residual_norm
 
 
 def clamp_rows(x: torch.Tensor) -> torch.Tensor:
@@ -152,14 +108,14 @@ class _Residual(torch.autograd.Function):
 
 
 def _residual_kernel_call(x, h, weight, eps):
-    kernel = _residual_kernel()
+    kernel = _kernels().residual_norm
     d = x.shape[-1]
     x2, h2 = x.reshape(-1, d).contiguous(), h.reshape(-1, d).contiguous()
     s = torch.empty_like(x2)
     y = torch.empty_like(x2) if weight is not None else s
     w = weight.contiguous() if weight is not None else s  # a placeholder pointer when absent
     kernel[(x2.shape[0],)](x2, h2, w, s, y, d, eps, FP16_CLAMP, CLAMP=x.dtype == torch.float16,
-                           NORM=weight is not None, **_whole_rows(d))
+                           NORM=weight is not None, **_whole_rows(x))
     return s.reshape(x.shape), (y.reshape(x.shape) if weight is not None else None)
 
 
@@ -203,38 +159,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    kernel = _kernel()
+    kernel = _kernels().rms_norm
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     y = torch.empty_like(x2)
-    kernel[(x2.shape[0],)](x2, weight.contiguous(), y, d, eps, **_whole_rows(d))
+    kernel[(x2.shape[0],)](x2, weight.contiguous(), y, d, eps, **_whole_rows(x))
     return y.reshape(x.shape)
-
-
-@functools.lru_cache(maxsize=None)
-def _layer_norm_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def layer_norm(x_ptr, h_ptr, w_ptr, b_ptr, s_ptr, y_ptr, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
-        # s = x (+ h, the sum rounded as torch rounds it; stored); y = LayerNorm(s) as torch computes
-        # it in fp16: mean and variance in fp32, the affine result rounded once
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < D
-        s = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
-        if ADD:
-            h = tl.load(h_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
-            s = (s + h).to(s_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(s_ptr + row * D + cols, s.to(s_ptr.dtype.element_ty), mask=ok)
-        centred = tl.where(ok, s - tl.sum(s, axis=0) / D, 0.0)
-        r = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * D + cols, (centred * r * w + b).to(y_ptr.dtype.element_ty), mask=ok)
-
-    return layer_norm
 
 
 def layer_norm_reference(x, h, weight, bias, eps):
@@ -265,14 +195,14 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def _layer_norm_call(x, h, weight, bias, eps):
-    kernel = _layer_norm_kernel()
+    kernel = _kernels().layer_norm
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     h2 = h.reshape(-1, d).contiguous() if h is not None else x2  # a placeholder pointer when absent
     s = torch.empty_like(x2) if h is not None else x2
     y = torch.empty_like(x2)
     kernel[(x2.shape[0],)](x2, h2, weight.contiguous(), bias.contiguous(), s, y, d, eps, ADD=h is not None,
-                           **_whole_rows(d))
+                           **_whole_rows(x))
     return y.reshape(x.shape) if h is None else (s.reshape(x.shape), y.reshape(x.shape))
 
 
