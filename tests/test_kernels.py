@@ -435,3 +435,18 @@ def test_dependent_launch_is_checked_and_off_without_a_hopper_gpu(monkeypatch):
     dependent_launch.enabled.cache_clear()
     assert not dependent_launch.enabled(torch.device("cuda"))  # checked before asking for the capability
     dependent_launch.enabled.cache_clear()
+
+
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+def test_dependent_launch_needs_compute_capability_9_and_a_triton_that_has_it(monkeypatch):
+    from bminf.kernels import dependent_launch, gdc
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("BMINF_PDL", "1")
+    for capability, available, want in [((9, 0), True, True), ((9, 0), False, False), ((8, 0), True, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(gdc, "AVAILABLE", available)  # False: a Triton before grid dependency control
+        dependent_launch.enabled.cache_clear()
+        assert dependent_launch.enabled(torch.device("cuda")) == want
+        assert dependent_launch.options(torch.device("cuda")) == ({"PDL": True, "launch_pdl": True} if want
+                                                                  else {"PDL": False})
+    dependent_launch.enabled.cache_clear()

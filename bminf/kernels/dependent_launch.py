@@ -29,13 +29,16 @@ import torch
 @functools.lru_cache(maxsize=None)
 def enabled(device: torch.device) -> bool:
     """Whether our Triton kernels launch with PDL on ``device``: a CUDA GPU of compute capability 9.0 or
-    later, unless ``BMINF_PDL=0``. Never in Triton's CPU interpreter."""
+    later with a Triton that has it, unless ``BMINF_PDL=0``. Never in Triton's CPU interpreter."""
     value = os.environ.get("BMINF_PDL", "1")
     if value not in ("0", "1"):
         raise ValueError(f"BMINF_PDL must be '0' or '1', got {value!r}")
     if value == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    from . import gdc  # imports triton
+    return gdc.AVAILABLE
 
 
 def options(device: torch.device) -> dict:

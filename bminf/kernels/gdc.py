@@ -1,7 +1,14 @@
 """The device side of ``dependent_launch`` (imported on first use: it imports triton)."""
 import triton
 import triton.language as tl
-from triton.language.extra import cuda
+
+try:  # grid dependency control and the launch_pdl option came with Triton 3.3-3.4
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    AVAILABLE = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None  # never reached: PDL stays off (dependent_launch.enabled)
+    AVAILABLE = False
 
 
 @triton.jit
@@ -10,5 +17,5 @@ def wait_then_release(PDL: tl.constexpr):
     # finished and its writes are visible, then let the next kernel launch. Every store, and every load
     # of what the previous kernel writes, comes after this call. Without PDL there is nothing to wait for.
     if PDL:
-        cuda.gdc_wait()
-        cuda.gdc_launch_dependents()
+        gdc_wait()
+        gdc_launch_dependents()
