@@ -328,13 +328,15 @@ def decoder_main(preset: str, doc: str) -> None:
         model = build_ours(preset, args.tiny, device, home=torch.device("cpu"))
         step_bytes = _step_bytes(model, kind, cfg, 1, context, source)
         peak_reset(device)
+        # the budget counts every tensor of the process: what earlier cases left alive streams more blocks
+        in_use = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         model = wrapper(model, quantization=False, device=device, memory_limit=limit)
         dec = GraphedDecoder(model, 1, max_length, max_source_length=max(L, 1))
         _decode_case(_ours_runner(dec, kind), kind, ids, 2, device)  # warm-up
         before = _streamed_bytes(model)
         r = _decode_case(_ours_runner(dec, kind), kind, ids, min(steps, args.peer_steps), device)
         streamed = _streamed_bytes(model) - before
-        r.update(peak_bytes=peak(device), memory_limit=limit, graphs=dec.use_graphs)
+        r.update(peak_bytes=peak(device), memory_limit=limit, graphs=dec.use_graphs, in_use_before_bytes=in_use)
         # the prompt pass streams too: count the steps' share by subtracting a prompt-only run
         before = _streamed_bytes(model)
         _decode_case(_ours_runner(dec, kind), kind, ids, 1, device)
@@ -347,7 +349,8 @@ def decoder_main(preset: str, doc: str) -> None:
         res.setdefault("bminf_offload", {})[text] = r
         show(f"bminf under {text}", r, 1)
         print(f"    streamed {per_step / 1e9:.2f} GB/step at {r['streaming_gb_per_s']:.1f} GB/s; floor "
-              f"{r['floor_tokens_per_s']:.1f} tokens/s ({100 * r['share_of_floor']:.0f}% reached)")
+              f"{r['floor_tokens_per_s']:.1f} tokens/s ({100 * r['share_of_floor']:.0f}% reached); "
+              f"{in_use / GIB:.2f} GiB in use before placement")
         del dec, model
         free()
         if not args.no_peers:
