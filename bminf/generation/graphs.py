@@ -39,6 +39,7 @@ kernel for small weights too. Logits agree with the eager path to fp16 rounding 
 >>> # logits = dec.decode(token[:, None], cache=cache)       # graph replay
 """
 import contextlib
+import functools
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -73,6 +74,14 @@ class StaticLayerKV:
         if triton_attention.supports(q, self.k, self.v):
             return triton_attention.attend_and_store(q, self.k, self.v, bias, scale, self.length, k, v, self.pos)
         return attention(q, *self.update(k, v), bias, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _warm_up_stream(device: torch.device) -> torch.cuda.Stream:
+    # One side stream per device for every capture's warm-up calls: torch keeps a cuBLAS workspace
+    # (up to 32 MiB by its defaults) for each stream that ran a GEMM until the process ends, and a new
+    # stream per capture kept one per bucket and encoder length: memory that a budget counts as in use
+    return torch.cuda.Stream(device)
 
 
 def buckets_for(max_length: int, smallest: int = 64) -> List[int]:
@@ -185,7 +194,7 @@ class GraphedDecoder:
         under ``always_fused`` (the fused int8 kernels for small weights too)."""
         t = time.perf_counter()
         kernels = always_fused if fused else contextlib.nullcontext
-        stream = torch.cuda.Stream(self.device)
+        stream = _warm_up_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), kernels(), torch.no_grad():
             for _ in range(warm_ups):
