@@ -18,6 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from bminf.generation.graphs import GraphedDecoder
 from bminf.kernels.triton_int8 import always_fused
 
+if not __package__:  # run as a file: the relative import below needs the package
+    raise SystemExit("run it from the repository root as a module: python -m benchmark.profile_decode ...")
 from .common import build_ours, config, free, machine
 from .runs import _ids, _ours_runner
 

@@ -1,4 +1,4 @@
-"""The GPU-only benchmark scripts refuse a machine without CUDA in one line, not with a traceback."""
+"""The benchmark scripts refuse what they cannot run (no CUDA, run as a file) in one line, not with a traceback."""
 import os
 import subprocess
 import sys
@@ -20,3 +20,13 @@ def test_gpu_benchmarks_refuse_without_cuda(argv, says):
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 2, out.stderr[-2000:]
     assert says in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["benchmark/profile_decode.py", "benchmark/cpm2/decoder.py",
+                                    "benchmark/eva/encoder.py"])
+def test_package_benchmarks_run_as_files_say_how_to_run_them(script):
+    # these import the rest of benchmark/ relatively: as a file that import fails deep inside
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    module = script[:-3].replace("/", ".")
+    assert out.returncode == 1 and f"python -m {module}" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]

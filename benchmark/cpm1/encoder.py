@@ -4,6 +4,8 @@
 
 Random weights of the real size (no checkpoint). See benchmark/common.py for what is timed.
 """
+if not __package__:  # run as a file: the relative import below needs the package
+    raise SystemExit("run it from the repository root as a module: python -m benchmark.cpm1.encoder ...")
 from ..runs import encoder_main
 
 if __name__ == "__main__":

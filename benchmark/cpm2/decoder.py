@@ -5,6 +5,8 @@
 bminf resident (CUDA graphs) against HF fp16 eager; under --memory-limit, bminf's layer streaming
 against accelerate's dispatch_model. Random weights of the real size. See benchmark/common.py.
 """
+if not __package__:  # run as a file: the relative import below needs the package
+    raise SystemExit("run it from the repository root as a module: python -m benchmark.cpm2.decoder ...")
 from ..runs import decoder_main
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 "bminf_eager" the same modules launched from Python. Random weights of the real size (no checkpoint).
 See benchmark/common.py for what is timed.
 """
+if not __package__:  # run as a file: the relative import below needs the package
+    raise SystemExit("run it from the repository root as a module: python -m benchmark.cpm2.encoder ...")
 from ..runs import encoder_main
 
 if __name__ == "__main__":
