@@ -4,8 +4,9 @@ count and time, next to the step's wall time from graph replay.
     python -m benchmark.profile_decode --preset cpm2 --batch-size 1 --json out.json
 
 The static step (what a CUDA graph records) is profiled eagerly, with the kernels a capture picks
-(``always_fused``: the fused int8 kernels for small weights too), so every kernel appears with its
-own GPU time; launch gaps are what the graph removes, and the graph's step time is timed apart.
+(``always_fused``: the fused int8 kernels for small weights too; ``within_a_step``: dependent
+launch), so every kernel appears with its own GPU time; launch gaps are what the graph removes,
+and the graph's step time is timed apart.
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bminf.generation.graphs import GraphedDecoder
+from bminf.kernels import dependent_launch
 from bminf.kernels.triton_int8 import always_fused
 
 if not __package__:  # run as a file: the relative import below needs the package
@@ -64,7 +66,7 @@ def main() -> None:
                 del dec
                 free()
                 continue
-            with always_fused(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with always_fused(), dependent_launch.within_a_step(), profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.steps):
                     tok = step(tok)[:, -1:].argmax(-1)
                 torch.cuda.synchronize(device)

@@ -174,11 +174,16 @@ def test_dependent_launch_changes_no_bit_of_a_graphed_decode(kind, monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     size = dict(d_model=1024, d_ff=2816, n_heads=16, d_head=64)
+    launches = []  # the options each of our kernel launches took
+    real_options = dependent_launch.options
+    monkeypatch.setattr(dependent_launch, "options", lambda device: launches.append(real_options(device)) or
+                        launches[-1])
     runs = []
     for value in ("1", "0"):
         monkeypatch.setenv("BMINF_PDL", value)
         dependent_launch.enabled.cache_clear()
         assert dependent_launch.enabled(torch.device("cuda")) == (value == "1")
+        launches.clear()
         torch.manual_seed(0)
         if kind == "gpt":
             model = quantize_(tiny_gpt(max_positions=512, **size)).cuda().half()
@@ -192,6 +197,8 @@ def test_dependent_launch_changes_no_bit_of_a_graphed_decode(kind, monkeypatch):
             runs.append(greedy_t5(model, src, torch.ones_like(src, dtype=torch.bool),
                                   torch.zeros(1, 1, dtype=torch.long, device="cuda"), 12, dec))
         assert dec.use_graphs
+        # with BMINF_PDL=1 every launch of the decoder's calls and captures took PDL, else none
+        assert launches and all(o["PDL"] == (value == "1") for o in launches)
     dependent_launch.enabled.cache_clear()
     for a, b in zip(*runs):
         assert torch.equal(a, b)

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import attention, triton_attention
+from ..kernels import attention, dependent_launch, triton_attention
 from ..kernels.triton_int8 import always_fused
 from ..layers import additive_mask
 from .loop import input_embedding
@@ -191,19 +191,20 @@ class GraphedDecoder:
     def _record(self, run, warm_ups: int, fused: bool, after_warm_up=None):
         """``(graph, output)`` of ``run()`` captured into this object's pool, after ``warm_ups`` calls
         on a side stream (they compile kernels and set up cuBLAS) and ``after_warm_up()``; ``fused``:
-        under ``always_fused`` (the fused int8 kernels for small weights too)."""
+        under ``always_fused`` (the fused int8 kernels for small weights too). Our kernels launch with
+        programmatic dependent launch in both (``kernels.dependent_launch``)."""
         t = time.perf_counter()
         kernels = always_fused if fused else contextlib.nullcontext
         stream = _warm_up_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), kernels(), torch.no_grad():
+        with torch.cuda.stream(stream), kernels(), dependent_launch.within_a_step(), torch.no_grad():
             for _ in range(warm_ups):
                 run()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if after_warm_up is not None:
             after_warm_up()
         graph = torch.cuda.CUDAGraph()
-        with kernels(), torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+        with kernels(), dependent_launch.within_a_step(), torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
             out = run()
         self.capture_s += time.perf_counter() - t
         return graph, out
@@ -278,7 +279,7 @@ class GraphedDecoder:
         self._own(cache)
         if input_ids.shape[1] == 1 and attention_mask is None and cache.length > 0:
             return self._replay(input_ids)
-        with torch.no_grad():
+        with torch.no_grad(), dependent_launch.within_a_step():  # the same kernels as the graphs'
             return self.model(input_ids, attention_mask=attention_mask, cache=cache)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -287,7 +288,7 @@ class GraphedDecoder:
         CPM-2 prompt spends most of its time launching kernels from the host."""
         graphable = (self.use_graphs and self.is_t5 and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
                      and input_ids.shape[0] == self.batch_size and 0 < input_ids.shape[1] <= self.max_source_length)
-        with torch.no_grad():
+        with torch.no_grad(), dependent_launch.within_a_step():
             if not graphable:
                 return self.model.encode(input_ids, attention_mask)
             # the checks (a host sync) and the embedding run eagerly, on the real ids and mask
@@ -322,5 +323,5 @@ class GraphedDecoder:
             raise ValueError("the first decode call needs encoder_output")
         pad = self.max_source_length - encoder_output.shape[1]
         encoder_output = F.pad(encoder_output, (0, 0, 0, pad))  # zero rows, masked out
-        with torch.no_grad():
+        with torch.no_grad(), dependent_launch.within_a_step():
             return self.model.decode(decoder_input_ids, encoder_output, cache=cache)

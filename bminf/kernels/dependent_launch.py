@@ -16,14 +16,36 @@ kernels launched without PDL (torch's, cuBLAS's) and copies keep full stream ord
 record the launch attribute as a programmatic edge. ``BMINF_PDL=0`` turns it off (outputs are the
 same bit for bit either way; the tests check it on the GPU).
 
+The weights are constant only within a step: elsewhere the kernel just before ours may be an
+optimizer's update or a dtype conversion writing a weight that ours would read before its wait. So
+kernels launch with PDL only inside ``within_a_step()``, which ``GraphedDecoder`` enters for the
+steps it captures into CUDA graphs, their warm-up calls and its eager calls (a prompt, T5's first
+step; each begins with torch's embedding lookup, so never right after a kernel that wrote a weight;
+and they compile the same kernel variants as the graphs, not a second set).
+
 On an H200 (h200_run20.log, h200_run21.log) PDL alone took CPM-2/CPM-1/EVA's graphed decode from
 430/631/768 to 454/681/893 tokens/s; loading the first weight tile, the scales and the first key
 tile before the wait, to 469/741/1022.
 """
+import contextlib
+import contextvars
 import functools
 import os
 
 import torch
+
+_IN_A_STEP = contextvars.ContextVar("bminf_dependent_launch", default=False)
+
+
+@contextlib.contextmanager
+def within_a_step():
+    """Launch our kernels with PDL (where ``enabled``) inside: a decode or encode step, during which no
+    kernel writes the weights."""
+    token = _IN_A_STEP.set(True)
+    try:
+        yield
+    finally:
+        _IN_A_STEP.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,8 +65,8 @@ def enabled(device: torch.device) -> bool:
 
 def options(device: torch.device) -> dict:
     """The launch keywords for a kernel that calls ``gdc.wait_then_release(PDL)``: its ``PDL`` constant
-    and, where enabled, ``launch_pdl``.
+    and, inside ``within_a_step()`` where enabled, ``launch_pdl``.
 
     >>> # kernel[grid](..., **dependent_launch.options(x.device))
     """
-    return dict(PDL=True, launch_pdl=True) if enabled(device) else dict(PDL=False)
+    return dict(PDL=True, launch_pdl=True) if _IN_A_STEP.get() and enabled(device) else dict(PDL=False)
