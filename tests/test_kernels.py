@@ -133,6 +133,21 @@ for d in (64, 100, 2560):
     got = torch.autograd.grad((s, y), (x, h, w, b), (g, g))
     want = torch.autograd.grad((s_ref, y_ref), (x, h, w, b), (g, g))
     assert all(torch.equal(a, c) for a, c in zip(got, want))  # backward is F.layer_norm's
+    # the kernels' autograd functions themselves (the public calls take them on CUDA only): without
+    # the add, and T5's residual step with its norm and without; backward is the PyTorch formula's
+    y = triton_norm._LayerNorm.apply(x, None, w, b, 1e-5)
+    y_ref = triton_norm.layer_norm_reference(x, None, w, b, 1e-5)
+    got, want = (torch.autograd.grad(t, (x, w, b), g) for t in (y, y_ref))
+    assert all(torch.equal(a, c) for a, c in zip(got, want))
+    wr = torch.rand(d).half().to("{device}").requires_grad_()
+    for weight in (wr, None):
+        out = triton_norm._Residual.apply(x, h, weight, 1e-6)
+        s_ref, y_ref = triton_norm._residual_reference(x, h, weight, 1e-6)
+        outs, refs = ((out,), (s_ref,)) if weight is None else (out, (s_ref, y_ref))
+        inputs = (x, h) if weight is None else (x, h, weight)
+        got = torch.autograd.grad(outs, inputs, [g] * len(outs))
+        want = torch.autograd.grad(refs, inputs, [g] * len(refs))
+        assert all(torch.equal(a, c) for a, c in zip(got, want))
 print("worst", worst)
 """
 
