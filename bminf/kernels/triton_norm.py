@@ -98,12 +98,8 @@ class _Residual(torch.autograd.Function):
         return s if weight is None else (s, y)
 
     @staticmethod
-    def backward(ctx, *grads):
-        x, h, weight = ctx.saved_tensors
-        if weight is None:
-            return (*_reference_grads(ctx.needs_input_grad[:2], (x, h), lambda a, b: (clamp_rows(a + b),), grads),
-                    None, None)
-        return (*_reference_grads(ctx.needs_input_grad[:3], (x, h, weight),
+    def backward(ctx, *grads):  # without a weight, the formula's second output is None and skipped
+        return (*_reference_grads(ctx.needs_input_grad[:3], ctx.saved_tensors,
                                   lambda a, b, w: _residual_reference(a, b, w, ctx.eps), grads), None)
 
 
@@ -180,18 +176,15 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, weight, bias, eps):
         ctx.save_for_backward(x, h, weight, bias)
-        ctx.eps, ctx.add = eps, h is not None
+        ctx.eps = eps
         return _layer_norm_call(x, h, weight, bias, eps)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, h, weight, bias = ctx.saved_tensors
-        if not ctx.add:
-            gx, gw, gb = _reference_grads((ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]), (x, weight, bias),
-                                          lambda a, w, b: (layer_norm_reference(a, None, w, b, ctx.eps),), grads)
-            return gx, None, gw, gb, None
-        return (*_reference_grads(ctx.needs_input_grad[:4], (x, h, weight, bias),
-                                  lambda a, b, w, c: layer_norm_reference(a, b, w, c, ctx.eps), grads), None)
+        def outputs(a, b, w, c):  # (s, y) with the add, y alone without
+            out = layer_norm_reference(a, b, w, c, ctx.eps)
+            return out if b is not None else (out,)
+        return (*_reference_grads(ctx.needs_input_grad[:4], ctx.saved_tensors, outputs, grads), None)
 
 
 def _layer_norm_call(x, h, weight, bias, eps):
