@@ -33,7 +33,12 @@ class _FusedInt8Linear(torch.autograd.Function):
 
 
 def _dequantized(weight, scale, dtype):
-    return weight.to(dtype) * scale.to(dtype)[:, None]
+    # int8 * float promotes to the float dtype, and the product of an int8 and a 16-bit scale is exact
+    # in the fp32 it is computed in, so this equals widening first, then scaling, in one pass; on CUDA
+    # a Triton kernel gives the same numbers at HBM speed
+    if triton_int8.can_dequantize(weight, scale, dtype):
+        return triton_int8.dequantize(weight, scale, dtype)
+    return weight * scale.to(dtype)[:, None]
 
 
 def _linear_grads(grad, weight, scale, want_x: bool, want_b: bool):
@@ -59,14 +64,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     # opt-in W8A8 for long inputs (BMINF_PREFILL=w8a8): int8 tensor cores, activations rounded too
     if w8a8.supports(x, weight):
         return w8a8.int8_linear(x, weight, scale, bias)
-    # the weight dequantized in one pass, then cuBLAS: int8 * float promotes to the float dtype, and
-    # the product of an int8 and a 16-bit scale is exact in the fp32 it is computed in, so this equals
-    # widening first, then scaling; on CUDA a Triton kernel gives the same numbers at HBM speed
-    if triton_int8.can_dequantize(weight, scale, x.dtype):
-        w = triton_int8.dequantize(weight, scale, x.dtype)
-    else:
-        w = weight * scale.to(x.dtype)[:, None]
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    # the weight dequantized in one pass, then cuBLAS
+    return F.linear(x, _dequantized(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def _one_launch(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
