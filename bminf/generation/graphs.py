@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from ..kernels import attention, dependent_launch, triton_attention
 from ..kernels.triton_int8 import always_fused
 from ..layers import additive_mask
+from ..models.t5 import add_and_norm
 from .loop import input_embedding
 
 __all__ = ["GraphedDecoder", "StaticLayerKV", "buckets_for"]
@@ -167,11 +168,12 @@ class GraphedDecoder:
             x = model.input_embedding(self.ids).to(self.dtype)
             self_bias = model.position_bias_dec(pos, key_pos)[None].to(self.dtype) + mask_bias
             cross_bias = additive_mask(self.cache.encoder_mask, self.dtype)[:, None, None, :]
+            ff = None
             for i, block in enumerate(self.layers):
                 layer_kv = StaticLayerKV(kv.k[i], kv.v[i], pos, length)
-                x = block(x, self_bias, None, cross_bias, layer_kv, self.cache.cross.layer(i))
+                x, ff = block(x, ff, self_bias, None, cross_bias, layer_kv, self.cache.cross.layer(i))
             kv.n_valid += 1
-            return model.lm_head(model.ln_dec(x))
+            return model.lm_head(add_and_norm(x, ff, model.ln_dec)[1])
         # GPT: a row's position is the number of real tokens it has seen
         x = model.token_embedding(self.ids) + model.position_embedding(kv.n_valid[:, None])
         for i, block in enumerate(self.layers):

@@ -65,9 +65,12 @@ class EncoderBlock(nn.Module):
         self.ln_ff = RMSNorm(d, config.eps)
         self.ff = GatedFeedForward(d, config.d_ff)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x, y = residual(x, self.self_attn(self.ln_attn(x), bias), self.ln_ff)
-        return residual(x, self.ff(y))[0]
+    def forward(self, x: torch.Tensor, ff_before: Optional[torch.Tensor], bias: torch.Tensor):
+        """``(x, ff)``: the residual stream and this block's feed-forward output, not yet added (see
+        ``add_and_norm``); ``ff_before`` is the block before's (None for the first block)."""
+        x, y = add_and_norm(x, ff_before, self.ln_attn)
+        x, y = residual(x, self.self_attn(y, bias), self.ln_ff)
+        return x, self.ff(y)
 
 
 class DecoderBlock(nn.Module):
@@ -81,17 +84,27 @@ class DecoderBlock(nn.Module):
         self.ln_ff = RMSNorm(d, config.eps)
         self.ff = GatedFeedForward(d, config.d_ff)
 
-    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, source: Optional[torch.Tensor],
-                cross_bias: torch.Tensor, kv=None, cross_kv=None) -> torch.Tensor:
-        x, y = residual(x, self.self_attn(self.ln_attn(x), self_bias, kv), self.ln_cross_attn)
+    def forward(self, x: torch.Tensor, ff_before: Optional[torch.Tensor], self_bias: torch.Tensor,
+                source: Optional[torch.Tensor], cross_bias: torch.Tensor, kv=None, cross_kv=None):
+        """``(x, ff)`` as ``EncoderBlock.forward``."""
+        x, y = add_and_norm(x, ff_before, self.ln_attn)
+        x, y = residual(x, self.self_attn(y, self_bias, kv), self.ln_cross_attn)
         x, y = residual(x, self.cross_attn(y, cross_bias, source=source, cross_kv=cross_kv), self.ln_ff)
-        return residual(x, self.ff(y))[0]
+        return x, self.ff(y)
 
 
 def residual(x: torch.Tensor, h: torch.Tensor, norm: Optional[RMSNorm] = None):
     """``(x + h, norm(x + h))``, the sum clamped in fp16 where it overflowed (``clamp_fp16``); one
     kernel on CUDA. ``norm(...)`` is None without a norm."""
     return triton_norm.residual(x, h, None if norm is None else norm.weight, norm.eps if norm is not None else 0.0)
+
+
+def add_and_norm(x: torch.Tensor, ff: Optional[torch.Tensor], norm: RMSNorm):
+    """``(x + ff, norm(x + ff))``, or ``(x, norm(x))`` without ``ff``. A block's last residual add waits
+    for the norm after it (the next block's first, or the stack's final norm): one kernel for both
+    instead of two, 24 fewer launches in a decode step, with the same numbers (on an H200, EVA's
+    graphed step went from 1021 to 1046 tokens/s, CPM-2's from 469 to 470; h200_run27.log)."""
+    return (x, norm(x)) if ff is None else residual(x, ff, norm)
 
 
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -191,9 +204,10 @@ class T5(nn.Module):
         pos = torch.arange(x.shape[1], device=x.device)
         # (batch, heads, seq, seq): relative bias plus key padding
         bias = self.position_bias_enc(pos, pos)[None].to(x.dtype) + additive_mask(mask, x.dtype)[:, None, None, :]
+        ff = None
         for block in self.enc_layers:
-            x = block(x, bias)
-        return self.ln_enc(x)
+            x, ff = block(x, ff, bias)
+        return add_and_norm(x, ff, self.ln_enc)[1]
 
     def new_cache(self, encoder_mask: torch.Tensor, max_length: int = 256, dtype=None, device=None) -> T5Cache:
         """A decoder cache for a batch whose encoder mask is ``encoder_mask`` (batch, source_len)."""
@@ -243,13 +257,14 @@ class T5(nn.Module):
             additive_mask(allowed, x.dtype)[:, None]  # (batch, heads, seq, keys)
         cross_bias = additive_mask(encoder_mask.to(x.device, torch.bool), x.dtype)[:, None, None, :]
 
+        ff = None
         for i, block in enumerate(self.dec_layers):
             kv = cache.self_kv.layer(i) if cache is not None else None
             cross_kv = cache.cross.layer(i) if cache is not None else None
-            x = block(x, self_bias, encoder_output, cross_bias, kv, cross_kv)
+            x, ff = block(x, ff, self_bias, encoder_output, cross_bias, kv, cross_kv)
         if cache is not None:
             cache.self_kv.commit(mask)
-        return self.lm_head(self.ln_dec(x))
+        return self.lm_head(add_and_norm(x, ff, self.ln_dec)[1])
 
     def _check_encoder_output(self, encoder_output: torch.Tensor, encoder_mask: Optional[torch.Tensor],
                               batch: int) -> None:
