@@ -468,3 +468,64 @@ def test_dependent_launch_needs_compute_capability_9_and_a_triton_that_has_it(mo
         # outside a step the kernel before ours may be writing a weight that ours reads before its wait
         assert dependent_launch.options(torch.device("cuda")) == {"PDL": False}
     dependent_launch.enabled.cache_clear()
+
+
+def test_compile_ahead_launches_outside_and_only_compiles_inside():
+    from bminf.kernels import compile_ahead
+    calls = []
+
+    class Kernel:  # what compile_ahead.launch needs of a Triton kernel
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("run", grid, args, kwargs))
+
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(("compile", grid, args, kwargs))
+
+    compile_ahead.launch(Kernel(), (2,), "x", BLOCK=4)
+    if compile_ahead.available():  # a Triton with AsyncCompileMode (the CPU build has it too)
+        with compile_ahead.compiling_only(torch.device("cpu")):
+            compile_ahead.launch(Kernel(), (3, 1), "y", BLOCK=8)
+        compile_ahead.launch(Kernel(), (4,), "z")
+        assert calls == [("run", (2,), ("x",), {"BLOCK": 4}), ("compile", (3, 1), ("y",), {"BLOCK": 8}),
+                         ("run", (4,), ("z",), {})]
+    else:
+        assert calls == [("run", (2,), ("x",), {"BLOCK": 4})]
+
+
+def test_compile_ahead_is_off_in_the_interpreter(monkeypatch):
+    from bminf.kernels import compile_ahead
+    compile_ahead.available.cache_clear()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not compile_ahead.available()
+    compile_ahead.available.cache_clear()
+
+
+@pytest.mark.gpu
+def test_compiling_only_compiles_on_threads_and_runs_nothing():
+    from bminf.kernels import attention_kernels, compile_ahead
+    if not compile_ahead.available():
+        pytest.skip("this Triton has no AsyncCompileMode")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    # a head size no other test uses, so that the kernel variant is new to this process
+    b, h, t, d = 1, 3, 40, 24
+    q, new_k, new_v = (torch.randn(b, h, 1, d, device=dev, dtype=torch.float16) for _ in range(3))
+    k, v = (torch.zeros(b, h, t, d, device=dev, dtype=torch.float16) for _ in range(2))
+    bias = torch.zeros(b, h, 1, 8, device=dev, dtype=torch.float16)  # over the first 8 positions
+    pos = torch.tensor([5], device=dev)
+    compiled = lambda: sum(len(c[0]) for c in attention_kernels.decode_attention.device_caches.values())
+    before = compiled()
+    with compile_ahead.compiling_only(dev):
+        triton_attention.attend_and_store(q, k, v, bias, 0.5, 8, new_k, new_v, pos)
+    torch.cuda.synchronize()
+    assert compiled() == before + 1
+    assert not k.any() and not v.any()  # the kernel stores the new key and value: it did not run
+    y = triton_attention.attend_and_store(q, k, v, bias, 0.5, 8, new_k, new_v, pos)
+    assert compiled() == before + 1     # the launch found it compiled
+    assert torch.equal(k[:, :, 5], new_k[:, :, 0]) and torch.equal(v[:, :, 5], new_v[:, :, 0])
+    keys = torch.zeros(b, h, 6, d, device=dev, dtype=torch.float16)
+    keys[:, :, 5] = new_k[:, :, 0]
+    values = torch.zeros_like(keys)
+    values[:, :, 5] = new_v[:, :, 0]
+    want = triton_attention.reference(q, keys, values, bias[..., :6], 0.5)  # positions after pos: masked
+    torch.testing.assert_close(y, want, atol=2e-3, rtol=2e-3)

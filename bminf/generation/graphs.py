@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import attention, dependent_launch, triton_attention
+from ..kernels import attention, compile_ahead, dependent_launch, triton_attention
 from ..kernels.triton_int8 import always_fused
 from ..layers import additive_mask
 from ..models.t5 import add_and_norm
@@ -190,16 +190,23 @@ class GraphedDecoder:
             kv.n_valid.copy_(saved[1])
         return self._record(lambda: self._step(length), warm_ups=2, fused=True, after_warm_up=put_back)
 
-    def _record(self, run, warm_ups: int, fused: bool, after_warm_up=None):
+    def _record(self, run, warm_ups: int, fused: bool, after_warm_up=None, compile_also=None):
         """``(graph, output)`` of ``run()`` captured into this object's pool, after ``warm_ups`` calls
-        on a side stream (they compile kernels and set up cuBLAS) and ``after_warm_up()``; ``fused``:
-        under ``always_fused`` (the fused int8 kernels for small weights too). Our kernels launch with
-        programmatic dependent launch in both (``kernels.dependent_launch``)."""
+        on a side stream (they set up cuBLAS) and ``after_warm_up()``; ``fused``: under
+        ``always_fused`` (the fused int8 kernels for small weights too). Before them, ``run()`` (and
+        ``compile_also()``) once with our kernels compiled on threads instead of run
+        (``kernels.compile_ahead``). Our kernels launch with programmatic dependent launch in all of
+        these (``kernels.dependent_launch``)."""
         t = time.perf_counter()
         kernels = always_fused if fused else contextlib.nullcontext
         stream = _warm_up_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), kernels(), dependent_launch.within_a_step(), torch.no_grad():
+            if compile_ahead.available():
+                with compile_ahead.compiling_only(self.device):
+                    run()
+                    if compile_also is not None:
+                        compile_also()
             for _ in range(warm_ups):
                 run()
         torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -210,6 +217,26 @@ class GraphedDecoder:
             out = run()
         self.capture_s += time.perf_counter() - t
         return graph, out
+
+    def _first_step_compiled(self) -> None:
+        """Under ``compile_ahead.compiling_only``: the first bucket's step, unless captured already,
+        so that its kernels compile with the prompt's, on the same threads, before the eager first
+        step needs most of them. The step's host-side state is put back after."""
+        if (self.batch_size, self.buckets[0]) in self.graphs:
+            return
+        kv = self._kv()
+        saved = kv.key_mask.clone(), kv.n_valid.clone()
+        filled = list(self.cache.cross.filled) if self.is_t5 else None
+        if self.is_t5:
+            self.cache.cross.filled = [True] * len(filled)  # the step reads the (unfilled) buffers
+        try:
+            with always_fused():
+                self._step(self.buckets[0])
+        finally:
+            kv.key_mask.copy_(saved[0])
+            kv.n_valid.copy_(saved[1])
+            if self.is_t5:
+                self.cache.cross.filled = filled
 
     def _replay(self, ids: torch.Tensor) -> torch.Tensor:
         kv = self._kv()
@@ -281,6 +308,9 @@ class GraphedDecoder:
         self._own(cache)
         if input_ids.shape[1] == 1 and attention_mask is None and cache.length > 0:
             return self._replay(input_ids)
+        if self.use_graphs and compile_ahead.available() and (self.batch_size, self.buckets[0]) not in self.graphs:
+            with torch.no_grad(), dependent_launch.within_a_step(), compile_ahead.compiling_only(self.device):
+                self._first_step_compiled()
         with torch.no_grad(), dependent_launch.within_a_step():  # the same kernels as the graphs'
             return self.model(input_ids, attention_mask=attention_mask, cache=cache)
 
@@ -312,7 +342,8 @@ class GraphedDecoder:
         mask = torch.ones(self.batch_size, length, dtype=torch.bool, device=self.device)
         # the kernels eager ``encode`` would pick (not fused): a prompt's rows are many, so the graph
         # saves host time, not a choice of kernel, and the numbers stay the eager path's
-        graph, out = self._record(lambda: self.model.encode_embeddings(emb, mask), warm_ups=1, fused=False)
+        graph, out = self._record(lambda: self.model.encode_embeddings(emb, mask), warm_ups=1, fused=False,
+                                  compile_also=self._first_step_compiled)
         return emb, mask, graph, out
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_output: Optional[torch.Tensor] = None, cache=None):

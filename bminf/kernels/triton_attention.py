@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dependent_launch, triton_gemv
+from .compile_ahead import launch
 from .triton_int8 import available
 from .triton_norm import _reference_grads
 
@@ -141,12 +142,11 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
     part = torch.empty(rows, splits, d + 2, dtype=torch.float32, device=q.device) if splits > 1 else q
     block_d = max(16, next_pow2(d))
     pdl = dependent_launch.options(q.device)
-    kernel[(rows, splits)](q, k, v, bias, out, new_k, new_v, pos, part, heads, length, chunk, scale,
-                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                           v.stride(0), v.stride(1), v.stride(2), bias.stride(0), bias.stride(1),
-                           new_k.stride(0), new_k.stride(1), D=d, WRITE=write, READ_BACK=read_back, BOUND=bound,
-                           SPLIT=splits > 1, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps, **pdl)
+    launch(kernel, (rows, splits), q, k, v, bias, out, new_k, new_v, pos, part, heads, length, chunk, scale,
+           q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+           bias.stride(0), bias.stride(1), new_k.stride(0), new_k.stride(1), D=d, WRITE=write, READ_BACK=read_back,
+           BOUND=bound, SPLIT=splits > 1, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps, **pdl)
     if splits > 1:
-        combine[(rows,)](part, out, splits, D=d, BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d, num_warps=1,
-                         **pdl)
+        launch(combine, (rows,), part, out, splits, D=d, BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d,
+               num_warps=1, **pdl)
     return out.transpose(1, 2)  # (B, H, 1, D), a view of (B, 1, H, D): merging the heads is free

@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import dependent_launch
+from .compile_ahead import launch
 
 MAX_ROWS = 4
 MAX_GROUP = 3
@@ -168,10 +169,10 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
         return list(seq) + [seq[0]] * (MAX_GROUP - len(seq))
 
     grid = (cdiv(n, block_n) * (1 if gated else len(weights)),)
-    kernel[grid](x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, m, n, k, GROUP=len(weights), HAS_BIAS=has_bias,
-                 EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), EPILOGUE=epilogue,
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-                 **dependent_launch.options(x.device))
+    launch(kernel, grid, x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, m, n, k, GROUP=len(weights),
+           HAS_BIAS=has_bias, EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), EPILOGUE=epilogue,
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+           **dependent_launch.options(x.device))
     return [y.reshape(*x.shape[:-1], n) for y in outs]
 
 

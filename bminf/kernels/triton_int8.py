@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import triton_gemv
+from .compile_ahead import launch
 
 MAX_ROWS = 64
 # Each launch of a Triton kernel costs tens of microseconds of Python on the host, more than the
@@ -118,8 +119,8 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     kernel, cdiv = _dequantize_kernel()
     n, k = weight.shape
     y = torch.empty(n, k, dtype=dtype, device=weight.device)
-    kernel[(cdiv(n, 16), cdiv(k, 512))](weight, scale.to(dtype).contiguous(), y, n, k, BLOCK_N=16, BLOCK_K=512,
-                                        num_warps=4)
+    launch(kernel, (cdiv(n, 16), cdiv(k, 512)), weight, scale.to(dtype).contiguous(), y, n, k, BLOCK_N=16,
+           BLOCK_K=512, num_warps=4)
     return y
 
 
@@ -156,7 +157,6 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     # (64 rows x 512 of fp16 x plus the int8 tile, 3 stages, overflows shared memory: cap K there)
     block_k = block_k or (128 if block_n == 128 else 256 if block_n == 64 or block_m == 64 else 512)
     b = bias.to(x.dtype).contiguous() if bias is not None else scale  # a placeholder pointer when absent
-    kernel[(cdiv(n, block_n), cdiv(m, block_m))](x2, weight, scale.contiguous(), b, y, m, n, k,
-                                                HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                BLOCK_K=block_k, num_warps=4, num_stages=3)
+    launch(kernel, (cdiv(n, block_n), cdiv(m, block_m)), x2, weight, scale.contiguous(), b, y, m, n, k,
+           HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
     return y.reshape(*x.shape[:-1], n)

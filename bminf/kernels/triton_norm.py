@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dependent_launch
+from .compile_ahead import launch
 from .triton_int8 import available
 
 MAX_DIM = 16384
@@ -110,8 +111,8 @@ def _residual_kernel_call(x, h, weight, eps):
     s = torch.empty_like(x2)
     y = torch.empty_like(x2) if weight is not None else s
     w = weight.contiguous() if weight is not None else s  # a placeholder pointer when absent
-    kernel[(x2.shape[0],)](x2, h2, w, s, y, d, eps, FP16_CLAMP, CLAMP=x.dtype == torch.float16,
-                           NORM=weight is not None, **_whole_rows(x))
+    launch(kernel, (x2.shape[0],), x2, h2, w, s, y, d, eps, FP16_CLAMP, CLAMP=x.dtype == torch.float16,
+           NORM=weight is not None, **_whole_rows(x))
     return s.reshape(x.shape), (y.reshape(x.shape) if weight is not None else None)
 
 
@@ -159,7 +160,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     y = torch.empty_like(x2)
-    kernel[(x2.shape[0],)](x2, weight.contiguous(), y, d, eps, **_whole_rows(x))
+    launch(kernel, (x2.shape[0],), x2, weight.contiguous(), y, d, eps, **_whole_rows(x))
     return y.reshape(x.shape)
 
 
@@ -194,8 +195,8 @@ def _layer_norm_call(x, h, weight, bias, eps):
     h2 = h.reshape(-1, d).contiguous() if h is not None else x2  # a placeholder pointer when absent
     s = torch.empty_like(x2) if h is not None else x2
     y = torch.empty_like(x2)
-    kernel[(x2.shape[0],)](x2, h2, weight.contiguous(), bias.contiguous(), s, y, d, eps, ADD=h is not None,
-                           **_whole_rows(x))
+    launch(kernel, (x2.shape[0],), x2, h2, weight.contiguous(), bias.contiguous(), s, y, d, eps, ADD=h is not None,
+           **_whole_rows(x))
     return y.reshape(x.shape) if h is None else (s.reshape(x.shape), y.reshape(x.shape))
 
 

@@ -1,0 +1,82 @@
+"""Compiling a step's Triton kernels on a thread pool, before the step first runs.
+
+On a machine whose Triton cache is empty, CPM-2's first decode call took 7.3 to 10.8 s longer than a
+warm one on an H200 (runs 26 and 27, against +2.0 s once the cache is filled): a dozen kernels
+compiled one after another as the step reached them, each through LLVM and ptxas, and each kernel
+function's launcher built with the C compiler. Inside ``compiling_only()`` our launch sites
+(``launch``) hand the kernel to Triton's ``warmup`` instead of running it, under Triton's
+``AsyncCompileMode``: the compilations run on threads (most of their time is in LLVM, ptxas and the C
+compiler, outside Python's lock), and leaving the block waits for all of them. A graph capture runs
+its step once that way before its warm-up calls, which then find every kernel compiled.
+
+In such a pass our kernels do not run, so their outputs hold whatever their memory held, and the
+torch ops between them compute on that. A step that a CUDA graph can record has no host syncs and no
+branches on device values, so nothing there can fail or change course on those numbers; the warm-up
+calls after the pass overwrite every buffer it wrote.
+
+``available()`` is False in Triton's interpreter and where Triton lacks ``AsyncCompileMode`` (before
+3.4) or its kernels' ``_init_handles``: then no pass is made and kernels compile where they first run.
+"""
+import contextlib
+import contextvars
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+_COMPILING_ONLY = contextvars.ContextVar("bminf_compiling_only", default=False)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; inside ``compiling_only()``, its compilation only."""
+    if _COMPILING_ONLY.get():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether ``compiling_only`` can compile on threads with this Triton."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from triton.compiler.compiler import CompiledKernel
+        from triton.runtime._async_compile import AsyncCompileMode  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(CompiledKernel, "_init_handles")
+
+
+class _Pool(ThreadPoolExecutor):
+    """Threads that compile a kernel, then load it on ``device`` and build its launcher, which its
+    first launch would otherwise do on the calling thread."""
+
+    def __init__(self, device: torch.device):
+        super().__init__(max_workers=max(1, min(16, os.cpu_count() or 1)), thread_name_prefix="bminf-compile")
+        self.device = device
+
+    def submit(self, fn, /, *args, **kwargs):
+        def compile_and_load():
+            kernel = fn(*args, **kwargs)
+            with torch.cuda.device(self.device):
+                kernel._init_handles()
+            return kernel
+        return super().submit(compile_and_load)
+
+
+@contextlib.contextmanager
+def compiling_only(device: torch.device):
+    """Inside, ``launch`` only compiles, on threads; leaving waits for every compilation (and raises
+    the first error of one). Needs ``available()``.
+
+    >>> # with compiling_only(x.device): step()     # then step() runs with every kernel compiled
+    """
+    from triton.runtime._async_compile import AsyncCompileMode
+    token = _COMPILING_ONLY.set(True)
+    try:
+        with _Pool(device) as pool, AsyncCompileMode(pool):
+            yield
+    finally:
+        _COMPILING_ONLY.reset(token)
