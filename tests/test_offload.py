@@ -354,6 +354,23 @@ def test_bridge_self_check_accepts_w8a8_and_rejects_wrong_kernels(caplog):
     assert len(caplog.records) == 1 and "no kernel image" in caplog.records[0].getMessage()
 
 
+def test_bridge_skips_gpus_its_kernels_do_not_cover(monkeypatch, caplog):
+    from bminf.kernels import cpm_kernels_bridge as bridge
+    probed = []
+    monkeypatch.setattr(bridge, "probe", lambda device: probed.append(device) or True)
+    monkeypatch.setattr(bridge, "_state", {})
+    monkeypatch.delenv("BMINF_CPM_KERNELS", raising=False)
+    capability = {0: (9, 0), 1: (8, 6)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device.index])
+    with caplog.at_level(logging.INFO, logger="bminf"):
+        assert not bridge.usable(torch.device("cuda", 0))  # Hopper: no import, no self-check
+        assert bridge.usable(torch.device("cuda", 1))
+    assert probed == [torch.device("cuda", 1)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "bminf: cpm_kernels not used on cuda:0 (no kernels for compute capability 9.0 and later); "
+        "using the PyTorch int8 path"]
+
+
 def test_load_state_dict_reaches_streamed_blocks_already_in_a_slot():
     torch.manual_seed(0)
     blocks = [nn.Linear(8, 8) for _ in range(6)]

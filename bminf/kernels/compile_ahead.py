@@ -5,8 +5,10 @@ warm one on an H200 (runs 26 and 27, against +2.0 s once the cache is filled): a
 compiled one after another as the step reached them, each through LLVM and ptxas, and each kernel
 function's launcher built with the C compiler. Inside ``compiling_only()`` our launch sites
 (``launch``) hand the kernel to Triton's ``warmup`` instead of running it, under Triton's
-``AsyncCompileMode``: the compilations run on threads (most of their time is in LLVM, ptxas and the C
-compiler, outside Python's lock), and leaving the block waits for all of them. A graph capture runs
+``AsyncCompileMode``: the compilations run on threads, and leaving the block waits for all of them.
+ptxas and the C compiler run beside each other there, but Triton's code generation is Python and holds
+Python's lock: 3.2 s of CPM-2's first call on an empty cache still ran one kernel at a time
+(h200_run32_first_call_profile.log; processes would be needed for that part). A graph capture runs
 its step once that way before its warm-up calls, which then find every kernel compiled. On an empty
 cache CPM-2's first call then took +8.2 and +5.15 s against +9.3 and +8.1 s, EVA's +5.8 against
 +8.4 and CPM-1's +4.5 against +6.6 (h200_run28.log).

@@ -2,7 +2,8 @@
 
 Used by ``int8_linear`` only on a CUDA device where it imported, its kernels loaded and a
 numerical self-check against our PyTorch path passed; otherwise bminf logs one line and stays
-on PyTorch. On the H100 it fails ("no kernel image": its fatbins stop before sm_90).
+on PyTorch. On the H100 it failed ("no kernel image": its fatbins stop before sm_90), so GPUs of
+compute capability 9.0 and later are not probed.
 
 It changes numerics: cpm_kernels is W8A8 (each activation row is quantized to int8 too, with its
 own absmax/127 scale), so results differ from the W8A16 PyTorch path by about 1/254 of each row's
@@ -91,7 +92,14 @@ def usable(device: torch.device) -> bool:
         return False
     key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
     if key not in _state:
-        _state[key] = probe(torch.device(*key))
+        if torch.cuda.get_device_capability(torch.device(*key))[0] >= 9:
+            # its fatbins stop before sm_90 ("no kernel image" on the H100 and H200): importing it and
+            # failing the self-check cost a first call 0.4 s (more where Python has no bytecode cached)
+            _log.info("bminf: cpm_kernels not used on %s (no kernels for compute capability 9.0 and later); "
+                      "using the PyTorch int8 path", torch.device(*key))
+            _state[key] = False
+        else:
+            _state[key] = probe(torch.device(*key))
     return _state[key]
 
 
