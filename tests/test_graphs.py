@@ -92,6 +92,23 @@ def test_t5_static_step_equals_eager(quantized):
         assert rel_err(b, a) < TOL
 
 
+@pytest.mark.parametrize("kind", ["gpt", "t5"])
+def test_first_step_run_for_compiling_leaves_the_cache_as_it_was(kind):
+    # compile_ahead runs the first bucket's step once (our kernels only compiling, on a GPU) before
+    # the prompt: the step's writes to the cache's host and device state must be put back
+    model = tiny_gpt() if kind == "gpt" else tiny_t5()
+    dec = GraphedDecoder(model, batch_size=2, max_length=16, max_source_length=8, buckets=[8, 16])
+    cache = dec.new_cache() if kind == "gpt" else dec.new_cache(torch.ones(2, 5, dtype=torch.bool))
+    kv = cache if kind == "gpt" else cache.self_kv
+    before = kv.key_mask.clone(), kv.n_valid.clone(), kv.length
+    filled = None if kind == "gpt" else list(cache.cross.filled)
+    with torch.no_grad():
+        dec._first_step_compiled()
+    assert torch.equal(kv.key_mask, before[0]) and torch.equal(kv.n_valid, before[1]) and kv.length == before[2]
+    assert kind == "gpt" or cache.cross.filled == filled
+    assert not dec.graphs
+
+
 def test_graphed_decoder_rejects_bad_use():
     model = tiny_t5()
     with pytest.raises(ValueError, match="batch_size"):
