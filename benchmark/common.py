@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import time
 from typing import Callable, Dict, Optional
@@ -73,6 +74,7 @@ def machine(device: torch.device) -> dict:
     try:
         import triton
         info["triton"] = triton.__version__
+        info["triton_cache"] = triton_cache()
     except ImportError:
         pass
     if device.type != "cuda":
@@ -92,6 +94,18 @@ def machine(device: torch.device) -> dict:
         a @ a
         sync(device)
     return info
+
+
+def triton_cache() -> dict:
+    """Triton's kernel cache as the run starts: its folder and how many compiled kernels it holds.
+    A first call's figure depends on it (0: every kernel compiles during that call)."""
+    import triton
+    folder = getattr(getattr(triton, "knobs", None), "cache", None)
+    folder = folder.dir if folder is not None else os.environ.get(
+        "TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
+    kernels = sum(name.endswith(".cubin") or name.endswith(".hsaco")
+                  for _, _, names in os.walk(folder) for name in names)
+    return {"dir": folder, "kernels": kernels}
 
 
 def best_of(fn: Callable, device: torch.device, reps: int) -> float:
@@ -205,6 +219,10 @@ def header(results: dict, preset: str, cfg) -> None:
     m = results["machine"]
     print(f"{preset}: {m['gpu']} ({m['device']}), torch {m['torch']}, triton {m.get('triton')}; "
           f"HBM read {m['hbm_read_gb_per_s']:.0f} GB/s, pinned H2D {m['h2d_pinned_gb_per_s']:.1f} GB/s")
+    if "triton_cache" in m:
+        cache = m["triton_cache"]
+        print(f"  Triton's cache {cache['dir']}: {cache['kernels']} compiled kernels at the start"
+              + (" (empty: the first call compiles every kernel)" if not cache["kernels"] else ""))
     print(f"  config: {cfg}")
 
 

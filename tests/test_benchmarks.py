@@ -30,3 +30,22 @@ def test_package_benchmarks_run_as_files_say_how_to_run_them(script):
     module = script[:-3].replace("/", ".")
     assert out.returncode == 1 and f"python -m {module}" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_the_header_says_how_full_tritons_cache_was(tmp_path):
+    # a first call's figure depends on it: the header says where the cache is and what it held
+    pytest.importorskip("triton")
+    (tmp_path / "a1").mkdir()
+    (tmp_path / "a1" / "int8_gemv.cubin").write_bytes(b"")
+    (tmp_path / "a1" / "int8_gemv.json").write_text("{}")
+    (tmp_path / "b2").mkdir()
+    (tmp_path / "b2" / "rms_norm.cubin").write_bytes(b"")
+    show = ("from benchmark.common import header, machine; import torch; "
+            "m = machine(torch.device('cpu')); print(m['triton_cache']); "
+            "header({'machine': m}, 'cpm2', 'cfg')")
+    for folder, want in ((tmp_path, "2 compiled kernels at the start\n"),
+                         (tmp_path / "none", "0 compiled kernels at the start (empty: the first call compiles")):
+        out = subprocess.run([sys.executable, "-c", show], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": ROOT, "TRITON_CACHE_DIR": str(folder)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"Triton's cache {folder}: {want}" in out.stdout, out.stdout
