@@ -181,14 +181,19 @@ class GraphedDecoder:
         kv.n_valid += 1
         return model.lm_head(model.layernorm(x))
 
-    def _capture(self, length: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _step_state(self):
+        """A function that puts back the cache's key mask and counts as they are now: what ``_step``
+        changes besides the keys and values at the next position, which the real step overwrites."""
         kv = self._kv()
         saved = kv.key_mask.clone(), kv.n_valid.clone()
 
-        def put_back():  # warm-ups write only at the next position, which the real step overwrites
+        def put_back():
             kv.key_mask.copy_(saved[0])
             kv.n_valid.copy_(saved[1])
-        return self._record(lambda: self._step(length), warm_ups=2, fused=True, after_warm_up=put_back)
+        return put_back
+
+    def _capture(self, length: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        return self._record(lambda: self._step(length), warm_ups=2, fused=True, after_warm_up=self._step_state())
 
     def _record(self, run, warm_ups: int, fused: bool, after_warm_up=None, compile_also=None):
         """``(graph, output)`` of ``run()`` captured into this object's pool, after ``warm_ups`` calls
@@ -224,8 +229,7 @@ class GraphedDecoder:
         step needs most of them. The step's host-side state is put back after."""
         if (self.batch_size, self.buckets[0]) in self.graphs:
             return
-        kv = self._kv()
-        saved = kv.key_mask.clone(), kv.n_valid.clone()
+        put_back = self._step_state()
         filled = list(self.cache.cross.filled) if self.is_t5 else None
         if self.is_t5:
             self.cache.cross.filled = [True] * len(filled)  # the step reads the (unfilled) buffers
@@ -233,8 +237,7 @@ class GraphedDecoder:
             with always_fused():
                 self._step(self.buckets[0])
         finally:
-            kv.key_mask.copy_(saved[0])
-            kv.n_valid.copy_(saved[1])
+            put_back()
             if self.is_t5:
                 self.cache.cross.filled = filled
 

@@ -92,14 +92,15 @@ def usable(device: torch.device) -> bool:
         return False
     key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
     if key not in _state:
-        if torch.cuda.get_device_capability(torch.device(*key))[0] >= 9:
+        dev = torch.device(*key)
+        if torch.cuda.get_device_capability(dev)[0] >= 9:
             # its fatbins stop before sm_90 ("no kernel image" on the H100 and H200): importing it and
             # failing the self-check cost a first call 0.4 s (more where Python has no bytecode cached)
             _log.info("bminf: cpm_kernels not used on %s (no kernels for compute capability 9.0 and later); "
-                      "using the PyTorch int8 path", torch.device(*key))
+                      "using the PyTorch int8 path", dev)
             _state[key] = False
         else:
-            _state[key] = probe(torch.device(*key))
+            _state[key] = probe(dev)
     return _state[key]
 
 

@@ -202,7 +202,6 @@ def int8_gemv_many(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Seq
     return _launch(x, list(weights), list(scales), biases, tiles)
 
 
-
 def int8_gemv_gelu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``gelu_tanh(int8_gemv(x, weight, scale, bias))`` in one launch (GPT's feed-forward input)."""
@@ -212,10 +211,8 @@ def int8_gemv_gelu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 def int8_gemv_gated(x: torch.Tensor, weight_in: torch.Tensor, scale_in: torch.Tensor, weight_gated: torch.Tensor,
                     scale_gated: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(int8_gemv(x, weight_in, scale_in)) * int8_gemv(x, weight_gated, scale_gated)`` (T5 v1.1's
-    feed-forward input) in one launch, each program reading the same rows of both weights."""
-    if weight_in.shape != weight_gated.shape:
-        raise ValueError(f"int8_gemv_gated: the two weights must share one shape, got {tuple(weight_in.shape)} "
-                         f"and {tuple(weight_gated.shape)}")
+    feed-forward input) in one launch, each program reading the same rows of both weights (of one
+    shape, as ``_launch`` checks)."""
     return _launch(x, [weight_in, weight_gated], [scale_in, scale_gated], [None, None], None, GATED)[0]
 
 
