@@ -404,6 +404,24 @@ for b, h, d, t, scale in [(1, 4, 64, 64, 1.0), (2, 3, 80, 200, 80 ** -0.5), (3, 
         assert torch.equal(vc[:, :, :pos + 1].cpu(), v2[:, :, :pos + 1]), "the cache was not written at pos alone"
         assert kc[:, :, pos + 1:].isnan().all() and vc[:, :, pos + 1:].isnan().all(), "written after pos"
         worst = max(worst, err(y, formula(q, k2[:, :, :length], v2[:, :, :length], step_bias, scale)))
+    # each row at its own position (a server's rows): row r stores at, and attends up to, pos - 3 r
+    rows_pos = torch.tensor([pos - 3 * r for r in range(b)])
+    row_bias = bias[..., :length].masked_fill((torch.arange(length) > rows_pos[:, None])[:, None, None, :], -30000.0)
+    for splits, read_back in ((None, None), (5, False), (5, True)):
+        kc, vc = k.clone(), v.clone()
+        for r, p in enumerate(rows_pos.tolist()):
+            kc[r, :, p + 1:], vc[r, :, p + 1:] = float("nan"), float("nan")
+        kc, vc = kc.to(dev), vc.to(dev)
+        kn, vn = torch.randn(b, h, 1, d).half(), torch.randn(b, h, 1, d).half()
+        y = triton_attention.attend_and_store(q.to(dev), kc, vc, row_bias.to(dev), scale, length, kn.to(dev),
+                                              vn.to(dev), rows_pos.to(dev), splits=splits, read_back=read_back)
+        k2, v2 = k.clone(), v.clone()
+        for r, p in enumerate(rows_pos.tolist()):
+            k2[r, :, p], v2[r, :, p] = kn[r, :, 0], vn[r, :, 0]
+            assert torch.equal(kc[r, :, :p + 1].cpu(), k2[r, :, :p + 1]), "a row was not written at its pos alone"
+            assert torch.equal(vc[r, :, :p + 1].cpu(), v2[r, :, :p + 1]), "a row was not written at its pos alone"
+            assert kc[r, :, p + 1:].isnan().all() and vc[r, :, p + 1:].isnan().all(), "written after a row's pos"
+        worst = max(worst, err(y, formula(q, k2[:, :, :length], v2[:, :, :length], row_bias, scale)))
 # gradients come from PyTorch's attention, recomputed
 q, k, v = (torch.randn(2, 3, n, 32, dtype=torch.half, device=dev, requires_grad=True) for n in (1, 50, 50))
 bias = torch.zeros(2, 1, 1, 50, dtype=torch.half, device=dev)

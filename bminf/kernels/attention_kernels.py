@@ -37,11 +37,12 @@ def fold(m, total, acc, q, k, v, bias, l_ok):
 
 @triton.jit
 def decode_attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, kn_ptr, vn_ptr, pos_ptr, part_ptr, H, L, CHUNK, scale,
-                     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b, sb_h, sn_b, sn_h, D: tl.constexpr,
+                     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b, sb_h, sn_b, sn_h, sp_b, D: tl.constexpr,
                      WRITE: tl.constexpr, READ_BACK: tl.constexpr, BOUND: tl.constexpr, SPLIT: tl.constexpr,
                      PDL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     # q (B, H, D), k/v (B, H, >= L, D) with strides, bias (B, H, L) with strides (0 where it
-    # broadcasts), o (B, H, D) contiguous; WRITE: the new kn/vn (B, H, D) go to position *pos_ptr.
+    # broadcasts), o (B, H, D) contiguous; WRITE: the new kn/vn (B, H, D) go to position pos_ptr[b * sp_b]
+    # (sp_b 0: one position for every row; else each row its own, as a server's rows have).
     # Program (row * H + head, split) takes keys [split * CHUNK, split * CHUNK + CHUNK); with SPLIT
     # it leaves (max, sum, unnormalized output) in part (B * H, splits, D + 2) for combine().
     # D is a constant so that a row of d_head below BLOCK_D (CPM-1's 80) still loads in vectors.
@@ -55,7 +56,7 @@ def decode_attention(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, kn_ptr, vn_ptr, pos_p
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, L)
     if WRITE:
-        pos = tl.load(pos_ptr).to(tl.int32)  # key indices in 32 bits, as without WRITE
+        pos = tl.load(pos_ptr + b * sp_b).to(tl.int32)  # key indices in 32 bits, as without WRITE
         if BOUND:  # keys after this step's are masked for every row (the cache fills left to right),
             # and a masked key adds exactly 0: not reading them changes no bit of the result
             end = tl.minimum(end, pos + 1)

@@ -87,9 +87,11 @@ def attend_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      length: int, new_k: torch.Tensor, new_v: torch.Tensor, pos: torch.Tensor,
                      splits: Optional[int] = None, read_back: Optional[bool] = None) -> torch.Tensor:
     """A graphed decode step's self-attention: write ``new_k``/``new_v`` (B, H, 1, D) into the cache
-    k/v (B, H, T, D) at the position held in the one-element device tensor ``pos``, then attend over
-    the first ``length`` positions (bias broadcastable to (B, H, 1, length)); positions after ``pos``
-    are taken as masked and not read. No autograd."""
+    k/v (B, H, T, D) at the position held in the device tensor ``pos`` (one element: every row's; B
+    elements: each row's own), then attend over the first ``length`` positions (bias broadcastable to
+    (B, H, 1, length)); a row's positions after its ``pos`` are taken as masked and not read. No autograd."""
+    if pos.dim() != 1 or pos.numel() not in (1, q.shape[0]):
+        raise ValueError(f"pos must hold one position or one per row ({q.shape[0]}), got shape {tuple(pos.shape)}")
     return _launch(q, k, v, bias, scale, length, new_k, new_v, pos, splits=splits, read_back=read_back)
 
 
@@ -117,6 +119,7 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
     else:
         new_k = new_v = q  # placeholders
         pos = q
+    pos_stride = pos.stride(0) if write and pos.numel() > 1 else 0
     rows = batch * heads
     # At batch 1 each pass of a program's loop costs its load latency: one program per (row, head)
     # over 512 keys took 8.2/9.8/7.4 us for CPM-2/CPM-1/EVA's heads, split 64 keys to a program
@@ -144,7 +147,7 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
     pdl = dependent_launch.options(q.device)
     launch(kernel, (rows, splits), q, k, v, bias, out, new_k, new_v, pos, part, heads, length, chunk, scale,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-           bias.stride(0), bias.stride(1), new_k.stride(0), new_k.stride(1), D=d, WRITE=write, READ_BACK=read_back,
+           bias.stride(0), bias.stride(1), new_k.stride(0), new_k.stride(1), pos_stride, D=d, WRITE=write, READ_BACK=read_back,
            BOUND=bound, SPLIT=splits > 1, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps, **pdl)
     if splits > 1:
         launch(combine, (rows,), part, out, splits, D=d, BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d,
