@@ -43,10 +43,12 @@ class Server:
     """A ``python -m bminf serve`` process; its log goes to ``log_path``."""
 
     def __init__(self, version: str, device: str, limit, max_batch: int, log_path: str,
-                 dynamic_memory: Optional[str] = None):
+                 dynamic_memory: Optional[str] = None, cuda_graphs: bool = True):
         self.port, self.log_path = free_port(), log_path
         cmd = [sys.executable, "-m", "bminf", "serve", "--model", "cpm2", "--version", version, "--device", device,
                "--port", str(self.port), "--max-batch", str(max_batch)]
+        if not cuda_graphs:
+            cmd.append("--no-cuda-graphs")
         if limit is not None:
             cmd += ["--memory-limit", limit] + (["--dynamic-memory", dynamic_memory] if dynamic_memory else [])
         self.log = open(log_path, "w")
@@ -170,10 +172,10 @@ def batch_consistency(server: Server, n: int, max_tokens: int) -> bool:
     return texts[0] == alone
 
 
-def bench_setting(version: str, device: str, limit, args, workdir: str) -> list:
-    name = "resident" if limit is None else f"budget {limit}"
-    log = os.path.join(workdir, f"server-{'resident' if limit is None else limit}.log")
-    server = Server(version, device, limit, max(args.clients), log, args.dynamic_memory)
+def bench_setting(version: str, device: str, limit, args, workdir: str, cuda_graphs: bool = True) -> list:
+    name = ("resident" if limit is None else f"budget {limit}") + ("" if cuda_graphs else ", eager")
+    log = os.path.join(workdir, f"server-{'resident' if limit is None else limit}{'' if cuda_graphs else '-eager'}.log")
+    server = Server(version, device, limit, max(args.clients), log, args.dynamic_memory, cuda_graphs)
     rows = []
     try:
         ready = server.wait_ready(args.start_timeout)
@@ -183,7 +185,10 @@ def bench_setting(version: str, device: str, limit, args, workdir: str) -> list:
         print(f"{'clients':>7} {'tokens':>7} {'wall s':>7} {'total tok/s':>11} {'per client':>10} "
               f"{'TTFT mean':>9} {'TTFT max':>8} {'mean batch':>10}", flush=True)
         for n in args.clients:
-            row = dict(setting=name, memory_limit=limit, **run_clients(server, n, args.requests, body))
+            if args.warm_each:  # the same load once untimed: graphs of new shapes are captured there
+                run_clients(server, n, args.requests, body)
+            row = dict(setting=name, memory_limit=limit, cuda_graphs=cuda_graphs,
+                       **run_clients(server, n, args.requests, body))
             rows.append(row)
             print(f"{n:>7} {row['tokens']:>7} {row['wall_s']:>7.2f} {row['total_tok_s']:>11.1f} "
                   f"{row['per_client_tok_s_mean']:>10.1f} {row['ttft_mean_s']:>9.3f} {row['ttft_max_s']:>8.3f} "
@@ -208,7 +213,8 @@ def bench_setting(version: str, device: str, limit, args, workdir: str) -> list:
             for r in rows:
                 r["gpu_peak_gib_after_all"] = health["gpu_peak_gib"]
         with open(log) as f:
-            growth = [line.strip() for line in f if "reserving" in line or "blocks resident" in line]
+            growth = [line.strip() for line in f if "reserving" in line or "blocks resident" in line
+                      or "decode step" in line or "decode slots" in line]
         for line in growth:  # placement, and each time a batch outgrew the budget's reserve
             print(f"{name}: server log: {line}", flush=True)
     finally:
@@ -243,6 +249,10 @@ def main() -> None:
     parser.add_argument("--dynamic-memory", help="the server's --dynamic-memory under a budget (default: its own)")
     parser.add_argument("--no-check-equal", dest="check_equal", action="store_false",
                         help="skip comparing a greedy request alone and in a full batch")
+    parser.add_argument("--eager-too", action="store_true",
+                        help="also run each resident setting with `bminf serve --no-cuda-graphs` (the gathered batch)")
+    parser.add_argument("--warm-each", action="store_true",
+                        help="run each client count once untimed before timing it")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the server")
     parser.add_argument("--dir", help="where to write the checkpoint and logs (default: a temporary directory)")
     parser.add_argument("--json", help="write the rows here")
@@ -260,6 +270,8 @@ def main() -> None:
         version = args.version or make_real_size(os.path.join(workdir, "cpm2"))
         for limit in limits:
             rows += bench_setting(version, args.device, limit, args, workdir)
+            if args.eager_too and limit is None:
+                rows += bench_setting(version, args.device, limit, args, workdir, cuda_graphs=False)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=where, torch=torch.__version__, max_tokens=args.max_tokens, rows=rows), f, indent=1)

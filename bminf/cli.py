@@ -76,6 +76,8 @@ def _load(args: argparse.Namespace, key: str):
 
     cls = getattr(bminf.models, _MODEL_CLASSES[key])
     extra = {"dynamic_memory": args.dynamic_memory} if getattr(args, "dynamic_memory", None) else {}
+    if getattr(args, "no_cuda_graphs", False):
+        extra["cuda_graphs"] = False
     return cls.available(args.version, device=args.device, dtype=args.dtype, memory_limit=args.memory_limit,
                          **extra)
 
@@ -318,6 +320,8 @@ COMMANDS: Dict[str, Command] = {
         arg("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"),
         arg("--port", type=int, default=8000, help="port (default 8000)"),
         arg("--max-batch", type=int, default=16, help="most requests decoded together (default 16)"),
+        arg("--no-cuda-graphs", action="store_true",
+            help="decode eagerly, without CUDA graphs (slower; to compare or debug)"),
         arg("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes"),
         arg("--drain-timeout", type=float, default=30.0,
             help="on SIGINT/SIGTERM, seconds to let requests in flight finish before cancelling them"),

@@ -1,5 +1,6 @@
 """The batching engine without HTTP: rows that join a running batch, leave it or are cancelled get
-exactly the tokens they get alone from the model classes."""
+exactly the tokens they get alone from the model classes, with the running rows in fixed slots (the
+step CUDA graphs replay; eager here) and with a cache gathered as rows come and go."""
 import queue
 import threading
 
@@ -31,6 +32,11 @@ def eva():
     return bminf.models.EVA(version="eva-demo", device="cpu")
 
 
+@pytest.fixture(params=[True, False], ids=["slots", "gathered"])
+def slots(request):
+    return request.param
+
+
 class Collector:
     """A job's sink: text pieces and the end, delivered from the engine thread."""
 
@@ -54,8 +60,8 @@ class Collector:
         return self.text
 
 
-def run_all(model, requests, max_batch=16, make=completion_tasks, before_start=True):
-    engine = Engine(model.backbone, max_batch=max_batch)
+def run_all(model, requests, max_batch=16, make=completion_tasks, before_start=True, slots=False):
+    engine = Engine(model.backbone, max_batch=max_batch, slots=slots)
     collectors = [Collector(t) for req in requests for t in make(model, req)]
     if not before_start:
         engine.start()
@@ -92,21 +98,21 @@ def alone_cpm2(model, case):
     return model.generate(case["prompt"], stop_tokens=case.get("stop"), **kw)[0]
 
 
-def test_batched_rows_equal_rows_alone(cpm2):
+def test_batched_rows_equal_rows_alone(cpm2, slots):
     requests = [CompletionRequest(model="cpm2", **case) for case in CPM2_CASES]
-    got, engine = run_all(cpm2, requests)
+    got, engine = run_all(cpm2, requests, slots=slots)
     assert got == [alone_cpm2(cpm2, case) for case in CPM2_CASES]
     # they ran as one batch: fewer steps than one after another
     assert engine.steps < sum(c["max_tokens"] for c in CPM2_CASES) - len(CPM2_CASES)
 
 
 @pytest.mark.parametrize("kind", ["cpm1", "cpm2"])
-def test_rows_join_a_running_batch_mid_generation(request, kind):
+def test_rows_join_a_running_batch_mid_generation(request, kind, slots):
     """Jobs submitted from inside another's sink (on the engine thread) join at the next step: GPT rows
     with shorter and longer prompts than the running one, T5 rows with shorter and longer sources."""
     model = request.getfixturevalue(kind)
     long_prompt = "今天天气很好，我们去公园吧，推荐一本书"
-    engine = Engine(model.backbone, max_batch=4).start()
+    engine = Engine(model.backbone, max_batch=4, slots=slots).start()
     try:
         first, = completion_tasks(model, CompletionRequest(model=kind, prompt="天空是蔚蓝色，窗外有", max_tokens=12,
                                                            temperature=0))
@@ -135,16 +141,16 @@ def test_rows_join_a_running_batch_mid_generation(request, kind):
     assert pieces[:3] == ["output"] * 3, "the first job must have produced text for the others to join mid-run"
 
 
-def test_max_batch_bounds_the_batch_and_queued_jobs_still_run(eva):
+def test_max_batch_bounds_the_batch_and_queued_jobs_still_run(eva, slots):
     contexts = [["你好"], ["推荐一本书"], ["你好", "今天天气很好"], ["我们去公园吧"], ["什么"]]
     requests = [ChatRequest(model="eva", messages=[{"role": "user", "content": c} for c in ctx], max_tokens=5,
                             seed=i) for i, ctx in enumerate(contexts)]
-    got, _ = run_all(eva, requests, max_batch=2, make=chat_tasks)
+    got, _ = run_all(eva, requests, max_batch=2, make=chat_tasks, slots=slots)
     assert got == [eva.dialogue(ctx, max_tokens=5, seed=i)[0] for i, ctx in enumerate(contexts)]
 
 
-def test_cancelled_job_leaves_at_once_and_others_continue(cpm1):
-    engine = Engine(cpm1.backbone, max_batch=4)
+def test_cancelled_job_leaves_at_once_and_others_continue(cpm1, slots):
+    engine = Engine(cpm1.backbone, max_batch=4, slots=slots)
 
     class Endless:  # a row that only max_tokens ends, whatever the weights say
         done = stopped = False
@@ -178,8 +184,8 @@ def test_cancelled_job_leaves_at_once_and_others_continue(cpm1):
     assert list(outputs.queue) == ["output"] * 3  # no "done" for a cancelled job
 
 
-def test_failed_prefill_fails_only_its_jobs(cpm1):
-    engine = Engine(cpm1.backbone).start()
+def test_failed_prefill_fails_only_its_jobs(cpm1, slots):
+    engine = Engine(cpm1.backbone, slots=slots).start()
     try:
         bad = Collector(completion_tasks(cpm1, CompletionRequest(model="cpm1", prompt="北京", max_tokens=3))[0])
         bad.task.job.source = [10**6]  # an id outside the vocabulary: the backbone refuses it
@@ -253,3 +259,30 @@ def test_the_budget_reserve_grows_before_rows_are_admitted(request, monkeypatch,
     assert events[0][1] > joined  # at least the joined batch's caches
     for name in stacks:
         assert getattr(model.backbone, name).streamed_blocks, f"{name}: no block left the device"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["cpm1", "cpm2", "eva"])
+def test_on_a_gpu_the_engine_warms_up_and_replays_cuda_graphs(kind):
+    """A resident model on a GPU: the engine takes the fixed slots, ``warm_up`` captures a graph for each
+    batch size the slots round to, and requests then decode from graphs (the CPU tests above check the
+    same step's tokens eagerly; tests/test_serving_slots.py its logits against the gathered batch)."""
+    cls = {"cpm1": bminf.models.CPM1, "cpm2": bminf.models.CPM2, "eva": bminf.models.EVA}[kind]
+    model = cls(version=f"{kind}-demo", device="cuda")
+    engine = Engine(model.backbone, max_batch=4)
+    assert engine.slots
+    assert engine.warm_up() > 0 and engine.stats()["cuda_graphs"] == 3  # batches of 1, 2 and 4 rows
+    make = chat_tasks if kind == "eva" else completion_tasks
+    requests = ([ChatRequest(model=kind, messages=[{"role": "user", "content": "推荐一本书"}], max_tokens=12, seed=i)
+                 for i in range(3)] if kind == "eva" else
+                [CompletionRequest(model=kind, prompt="天空是蔚蓝色，窗外有", max_tokens=12, seed=i) for i in range(3)])
+    collectors = [Collector(t) for req in requests for t in make(model, req)]
+    engine.start()
+    try:
+        for c in collectors:
+            engine.submit(c.task.job)
+        texts = [c.result() for c in collectors]
+    finally:
+        engine.stop()
+    assert all(texts) and engine.steps > 0
+    assert engine.stats()["cuda_graphs"] >= 3

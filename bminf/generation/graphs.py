@@ -58,15 +58,21 @@ __all__ = ["GraphedDecoder", "StaticLayerKV", "buckets_for"]
 
 class StaticLayerKV:
     """A layer's cache seen by a graphed step: this step's keys/values go to the position in the
-    device tensor ``pos``; attention reads the first ``length`` positions (the bucket)."""
+    device tensor ``pos`` (one for every row, or one per row); attention reads the first ``length``
+    positions (the bucket)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, length: int):
         self.k, self.v, self.pos, self.length = k, v, pos, length  # k, v: (batch, heads, max_length, d_head)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (batch, heads, 1, d_head)
-        self.k.index_copy_(2, self.pos, k)
-        self.v.index_copy_(2, self.pos, v)
+        # k, v: (batch, heads, 1, d_head); pos: one position for every row, or one per row
+        if self.pos.numel() == 1:
+            self.k.index_copy_(2, self.pos, k)
+            self.v.index_copy_(2, self.pos, v)
+        else:
+            at = self.pos.view(-1, 1, 1, 1).expand_as(k)
+            self.k.scatter_(2, at, k)
+            self.v.scatter_(2, at, v)
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -159,23 +165,32 @@ class GraphedDecoder:
     def _step(self, length: int) -> torch.Tensor:
         """One token at position ``self.pos`` for every row, attending over ``length`` positions.
         Only device tensors change between calls, so this is what a graph records."""
-        model, kv, pos = self.model, self._kv(), self.pos
+        return self._static_step(self.cache, self.ids, self.pos, length)
+
+    def _static_step(self, cache, ids: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """``_step`` over ``cache`` (this decoder's, or a view of some of its rows), ``ids`` (rows, 1) and
+        ``pos``: the column every row writes (one element) or each row's own (one per row)."""
+        model = self.model
+        kv = cache.self_kv if self.is_t5 else cache
         key_pos = self.key_pos[:length]
-        kv.key_mask.index_fill_(1, pos, True)
-        allowed = kv.key_mask[:, :length] & (key_pos <= pos)               # (batch, length)
+        if pos.numel() == 1:
+            kv.key_mask.index_fill_(1, pos, True)
+        else:
+            kv.key_mask.scatter_(1, pos[:, None], True)
+        allowed = kv.key_mask[:, :length] & (key_pos <= pos[:, None])    # (batch, length)
         mask_bias = additive_mask(allowed, self.dtype)[:, None, None, :]    # (batch, 1, 1, length)
         if self.is_t5:
-            x = model.input_embedding(self.ids).to(self.dtype)
-            self_bias = model.position_bias_dec(pos, key_pos)[None].to(self.dtype) + mask_bias
-            cross_bias = additive_mask(self.cache.encoder_mask, self.dtype)[:, None, None, :]
+            x = model.input_embedding(ids).to(self.dtype)
+            self_bias = model.position_bias_dec(pos[:, None], key_pos).to(self.dtype) + mask_bias
+            cross_bias = additive_mask(cache.encoder_mask, self.dtype)[:, None, None, :]
             ff = None
             for i, block in enumerate(self.layers):
                 layer_kv = StaticLayerKV(kv.k[i], kv.v[i], pos, length)
-                x, ff = block(x, ff, self_bias, None, cross_bias, layer_kv, self.cache.cross.layer(i))
+                x, ff = block(x, ff, self_bias, None, cross_bias, layer_kv, cache.cross.layer(i))
             kv.n_valid += 1
             return model.lm_head(add_and_norm(x, ff, model.ln_dec)[1])
         # GPT: a row's position is the number of real tokens it has seen
-        x = model.token_embedding(self.ids) + model.position_embedding(kv.n_valid[:, None])
+        x = model.token_embedding(ids) + model.position_embedding(kv.n_valid[:, None])
         for i, block in enumerate(self.layers):
             x = block(x, mask_bias, StaticLayerKV(kv.k[i], kv.v[i], pos, length))
         kv.n_valid += 1

@@ -79,6 +79,14 @@ class KVCache:
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.k[i], self.v[i], self.length)
 
+    def rows(self, n: int) -> "KVCache":
+        """The first ``n`` rows as a cache of their own that shares this one's buffers (a server's
+        running rows in a graph that holds ``n``)."""
+        view = object.__new__(type(self))
+        view.k, view.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
+        view.key_mask, view.n_valid, view.length = self.key_mask[:n], self.n_valid[:n], self.length
+        return view
+
     def commit(self, mask: torch.Tensor) -> None:
         """Mark a step begun with ``begin(mask)`` as done (called after every layer has written)."""
         self.length += mask.shape[1]
@@ -150,6 +158,13 @@ class CrossKVCache:
     def reset(self) -> None:
         """Forget the stored keys/values: the next step computes them from a new encoder output."""
         self.filled = [False] * len(self.filled)
+
+    def rows(self, n: int, source: int) -> "CrossKVCache":
+        """The first ``n`` rows and ``source`` positions, sharing this cache's buffers (see ``KVCache.rows``)."""
+        view = object.__new__(type(self))
+        view.k, view.v = [t[:n, :, :source] for t in self.k], [t[:n, :, :source] for t in self.v]
+        view.filled = list(self.filled)
+        return view
 
     @classmethod
     def gather(cls, parts: Sequence[Tuple["CrossKVCache", Sequence[int]]]) -> "CrossKVCache":

@@ -271,7 +271,9 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
     import uvicorn
 
     model.tokenizer.encode("你好")  # load jieba now, not in the first request
-    engine = Engine(model.backbone, max_batch=max_batch).start()
+    engine = Engine(model.backbone, max_batch=max_batch, slots=None if model.cuda_graphs else False)
+    engine.warm_up()  # the first requests find the decode step's kernels compiled
+    engine.start()
     app = create_app(model, engine, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout)
     try:

@@ -9,6 +9,11 @@ the rest, and then prefills the jobs that arrived and joins them to the batch. A
 those it gets alone: its cache holds exactly its own keys, positions count its real tokens, and its
 generator is seeded from its own seed.
 
+Where the backbone is resident on one GPU, the running rows live in fixed slots and every step replays
+a CUDA graph (``slots.SlotDecoder``); elsewhere (the CPU, blocks streamed under a memory limit, a model
+split across GPUs) a new cache is gathered whenever rows join or leave (``batch.join``) and the steps
+run eagerly. Both give each row the tokens it gets alone.
+
 >>> engine = Engine(cpm2.backbone, max_batch=16).start()              # doctest: +SKIP
 >>> engine.submit(Job(source, prefix, row, params, vocab_size, sink=print))  # doctest: +SKIP
 """
@@ -16,13 +21,16 @@ import logging
 import queue
 import random
 import threading
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from ..generation import SamplingParams, count_ids, sample
+from ..generation.graphs import _streams_or_splits
 from ..offload import TransformerBlockList
 from . import batch
+from .slots import SlotDecoder, _power_of_two
 
 __all__ = ["Job", "Engine", "ShuttingDown"]
 
@@ -83,15 +91,28 @@ class _Slot:
 class Engine:
     """Owns ``backbone`` (a GPT or T5 from a model class) and decodes up to ``max_batch`` jobs at once
     on one worker thread. ``start()`` starts it, ``stop()`` ends it: jobs still waiting or running get
-    ``("error", ShuttingDown)``."""
+    ``("error", ShuttingDown)``.
 
-    def __init__(self, backbone: torch.nn.Module, max_batch: int = 16):
+    ``slots``: None (default) keeps the running rows in fixed slots stepped from CUDA graphs where the
+    backbone is resident on one GPU, else gathers a new cache as rows come and go (see the module
+    doc); True takes the fixed slots anywhere (off CUDA their step runs eagerly: the CPU tests), False
+    never."""
+
+    def __init__(self, backbone: torch.nn.Module, max_batch: int = 16, slots: Optional[bool] = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if slots not in (None, True, False):
+            raise TypeError(f"slots must be None, True or False, got {slots!r}")
         self.backbone, self.max_batch = backbone, max_batch
         self.device = batch.home_device(backbone)
         # block lists under a memory limit: their reserve must cover the batch's caches (see _make_room)
         self._budgets = [m for m in backbone.modules() if isinstance(m, TransformerBlockList)]
+        layers = backbone.dec_layers if hasattr(backbone, "dec_layers") else backbone.layers
+        resident = not self._budgets and not _streams_or_splits(layers)
+        if slots and not resident:
+            raise ValueError("fixed slots need a backbone resident on one device (no memory_limit, one GPU)")
+        self.slots = resident and self.device.type == "cuda" if slots is None else slots
+        self._fixed: Optional[SlotDecoder] = None  # the fixed slots, made at the first join
         self._inbox: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._slots: List[_Slot] = []
         self._cache = None
@@ -113,11 +134,28 @@ class Engine:
 
     def stats(self) -> Dict[str, object]:
         out = {"running": len(self._slots), "waiting": self._inbox.qsize(), "max_batch": self.max_batch,
-               "steps": self.steps}
+               "steps": self.steps, "cuda_graphs": len(self._fixed.graphs) if self._fixed is not None else 0}
         if self.device.type == "cuda":  # what a memory budget is checked against
             out["gpu_allocated_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
             out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return out
+
+    def warm_up(self) -> float:
+        """Before ``start()``: with CUDA graphs, capture the step of every batch size the slots round to
+        (1, 2, 4, ... ``max_batch``), which compiles their kernels, so that the first requests do not
+        wait for that. Returns the seconds it took (0 without graphs)."""
+        if self._thread.is_alive():
+            raise RuntimeError("warm_up() runs before start()")
+        if not self.slots or self.device.type != "cuda":
+            return 0.0
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self._fixed = SlotDecoder.sized(self.backbone, self.max_batch, 1, 1)
+            self._fixed.warm_up()
+        seconds = time.perf_counter() - start
+        _log.info("captured the decode step for batches of %s rows in %.1f s",
+                  ", ".join(map(str, self._fixed.row_buckets)), seconds)
+        return seconds
 
     def stop(self, timeout: Optional[float] = None) -> None:
         self._stopping.set()
@@ -173,9 +211,6 @@ class Engine:
             groups.setdefault(len(job.prefix or ()), []).append(job)
         self._make_room(new)
         parts, logits, slots = [], [], list(self._slots)
-        if self._slots:
-            parts.append((self._cache, range(len(self._slots))))
-            logits.append(self._logits)
         for jobs in groups.values():
             prefixes = [j.prefix for j in jobs] if jobs[0].prefix is not None else None
             try:
@@ -188,17 +223,43 @@ class Engine:
             parts.append((cache, range(len(jobs))))
             logits.append(first)
             slots += [_Slot(j, first.device) for j in jobs]
-        if len(slots) == len(self._slots):
+        if not parts:
             return
-        room = max(s.job.remaining for s in slots)
         try:
-            cache, logits = batch.join(parts, room), torch.cat(logits)
+            if self.slots:
+                self._join_slots(parts, slots)
+            else:
+                running = [(self._cache, range(len(self._slots)))] if self._slots else []
+                self._cache = batch.join(running + parts, max(s.job.remaining for s in slots))
         except Exception as exc:  # noqa: BLE001 -- e.g. out of memory: the new jobs fail, the batch goes on
             _log.exception("joining %d new jobs to the batch failed", len(slots) - len(self._slots))
             for slot in slots[len(self._slots):]:
                 slot.job.sink("error", exc)
             return
-        self._cache, self._logits, self._slots = cache, logits, slots
+        self._logits = torch.cat(([self._logits] if self._slots else []) + logits)
+        self._slots = slots
+
+    def _join_slots(self, parts, slots: List[_Slot]) -> None:
+        """The prefilled ``parts`` into the slots after the running rows, the slots grown first when
+        the rows, a row's length to come, or a source would not fit."""
+        t5 = hasattr(parts[0][0], "cross")
+        fixed = self._fixed
+        lengths = list(fixed.lengths) if fixed is not None else []
+        for cache, rows in parts:
+            lengths += [(cache.self_kv if t5 else cache).length] * len(rows)
+        columns = max(length + s.job.remaining for length, s in zip(lengths, slots))
+        source = max([cache.cross.k[0].shape[2] for cache, _ in parts] + (fixed.sources if fixed else [])) if t5 else 0
+        if fixed is None or not fixed.fits(len(slots), columns, source):
+            rows = min(self.max_batch, _power_of_two(len(slots)))
+            if fixed is None:
+                fixed = SlotDecoder.sized(self.backbone, rows, columns, source)
+            else:
+                fixed = fixed.grown(rows, columns, source)
+            _log.info("decode slots: %d rows of %d tokens%s", fixed.batch_size, fixed.max_length,
+                      f", {fixed.max_source_length} source tokens" if t5 else "")
+        for cache, rows in parts:
+            fixed.admit(cache, len(rows))
+        self._fixed = fixed
 
     def _make_room(self, new: List[Job]) -> None:
         """Before new rows are prefilled and joined: grow the budget's reserve (blocks move to host
@@ -262,13 +323,19 @@ class Engine:
             elif not job.cancelled:
                 keep.append(i)
         if len(keep) < len(self._slots):
+            if self.slots:
+                keep = self._fixed.keep(keep)  # the rows kept, in their new order
             self._slots = [self._slots[i] for i in keep]
             if not keep:
                 self._cache = self._logits = None
                 return
-            self._cache = batch.join([(self._cache, keep)], room=max(s.job.remaining for s in self._slots))
+            if not self.slots:
+                self._cache = batch.join([(self._cache, keep)], room=max(s.job.remaining for s in self._slots))
             tokens = tokens[torch.as_tensor(keep, device=tokens.device)]
-        self._logits = batch.step(self.backbone, self._cache, tokens)
+        if self.slots:
+            self._logits = self._fixed.step(tokens)
+        else:
+            self._logits = batch.step(self.backbone, self._cache, tokens)
         self.steps += 1
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -276,3 +343,5 @@ class Engine:
             if not slot.job.cancelled:
                 slot.job.sink("error", exc)
         self._slots, self._cache, self._logits = [], None, None
+        if self._fixed is not None:
+            self._fixed.clear()
