@@ -1,8 +1,8 @@
 """The server's fixed slots (``serving.slots.SlotDecoder``) against its gathered batch (``serving.batch``,
 the models' eager decode): rows prefilled in two groups, the second joining mid-run into grown slots,
 then rows leaving from the middle, every step's logits compared row by row. Eagerly on the CPU (fp32,
-relative error < 1e-5); replayed from CUDA graphs on a GPU (fp16, greedy tokens equal, logits within
-fp16 rounding)."""
+relative error < 1e-5); replayed from CUDA graphs on a GPU (fp16, logits within fp16 rounding, greedy
+tokens equal or tied within it)."""
 import pytest
 import torch
 
@@ -27,9 +27,11 @@ def compare(model, t5: bool, tol: float, use_graphs=None):
 
     def check(gathered, slotted, order):
         # slot i holds the row that `order[i]` indexes in the gathered batch
-        want = gathered[torch.as_tensor(order, device=gathered.device)]
-        assert torch.equal(want.argmax(-1), slotted.argmax(-1))
-        errors.append(rel_err(slotted.float(), want.float()))
+        want = gathered[torch.as_tensor(order, device=gathered.device)].float()
+        # greedy picks the same token, or (fp16 on random weights) one tied with it within the tolerance
+        picked = want.gather(-1, slotted.argmax(-1)[:, None])[:, 0]
+        assert bool((want.max(-1).values - picked <= tol * want.abs().max()).all())
+        errors.append(rel_err(slotted.float(), want))
 
     with torch.no_grad():
         first, logits_a = prefill(model, prompts(model, [5, 9, 2], seed=1), t5)

@@ -24,6 +24,7 @@ compare with the model classes.
 >>> logits = slots.step(tokens)                                   # doctest: +SKIP  (running rows, vocab)
 >>> order = slots.keep([1])                                       # doctest: +SKIP
 """
+import logging
 import time
 from typing import List, Sequence, Tuple
 
@@ -32,6 +33,8 @@ import torch
 from ..generation.graphs import GraphedDecoder, buckets_for
 
 __all__ = ["SlotDecoder"]
+
+_log = logging.getLogger("bminf.serving")
 
 
 class SlotDecoder(GraphedDecoder):
@@ -159,7 +162,11 @@ class SlotDecoder(GraphedDecoder):
         return time.perf_counter() - start
 
     def _capture_slots(self, key: Tuple[int, int, int]):
-        return self._record(lambda: self._slot_step(*key), warm_ups=2, fused=True, after_warm_up=self._step_state())
+        start = time.perf_counter()
+        graph = self._record(lambda: self._slot_step(*key), warm_ups=2, fused=True, after_warm_up=self._step_state())
+        _log.info("captured the decode step of %d rows, %d tokens%s in %.2f s", key[0], key[1],
+                  f", {key[2]} source tokens" if self.is_t5 else "", time.perf_counter() - start)
+        return graph
 
     def clear(self) -> None:
         """No running rows (the buffers and graphs stay for the next ones)."""
