@@ -74,10 +74,12 @@ def load_tile(w_ptr, w1, rn, n_ok, kk, K, EVEN: tl.constexpr, TWO: tl.constexpr)
 @triton.jit
 def accumulate(acc, acc1, x_ptr, w, w_1, rm, kk, M, K, PRMT: tl.constexpr, TWO: tl.constexpr,
                BLOCK_M: tl.constexpr):
-    # One row: the product of each (BLOCK_N, BLOCK_K) tile is summed over K as it comes, so acc is
-    # BLOCK_N floats and the registers go to loads in flight (measured on an H200 6.5/12.5/13.1 us on
-    # CPM-2's three shapes against 8.1/14.9/13.9 with a (BLOCK_N, BLOCK_K) accumulator summed after the
-    # loop). More rows: partial sums in acc (BLOCK_M, BLOCK_N, BLOCK_K), summed over K after the loop.
+    # The product of each (BLOCK_N, BLOCK_K) tile is summed over K as it comes, so acc is BLOCK_N floats
+    # per row and the registers go to loads in flight (measured on an H200 6.5/12.5/13.1 us on CPM-2's
+    # three shapes against 8.1/14.9/13.9 with a (BLOCK_N, BLOCK_K) accumulator summed after the loop).
+    # More rows: the tile is widened once, then each row's sum goes to its row of acc (BLOCK_M, BLOCK_N);
+    # at 2 rows 10.1/22.5/21.4 us against 14.8/26.8/32.9 with a (BLOCK_M, BLOCK_N, BLOCK_K) accumulator
+    # summed after the loop, at 4 rows 15.7/36.3/34.8 against 18.0/39.2/39.9 (h200_run37_gemv_rows.log).
     # The int8 tile is widened exactly either way.
     if BLOCK_M == 1:
         x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
@@ -85,10 +87,17 @@ def accumulate(acc, acc1, x_ptr, w, w_1, rm, kk, M, K, PRMT: tl.constexpr, TWO: 
         if TWO:
             acc1 += tl.sum(x[None, :] * widen(w_1, PRMT), axis=1)
     else:
-        x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk < K)[None, :], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * widen(w, PRMT)[None, :, :]
+        wf = widen(w, PRMT)
+        wf1 = wf
         if TWO:
-            acc1 += x.to(tl.float32)[:, None, :] * widen(w_1, PRMT)[None, :, :]
+            wf1 = widen(w_1, PRMT)
+        for r in tl.static_range(BLOCK_M):
+            # (kk * 0 + r): a vector mask, which the interpreter needs
+            xr = tl.load(x_ptr + r * K + kk, mask=(kk < K) & (kk * 0 + r < M), other=0.0).to(tl.float32)
+            mine = rm[:, None] == r
+            acc += tl.where(mine, tl.sum(xr[None, :] * wf, axis=1)[None, :], 0.0)
+            if TWO:
+                acc1 += tl.where(mine, tl.sum(xr[None, :] * wf1, axis=1)[None, :], 0.0)
     return acc, acc1
 
 
@@ -118,7 +127,7 @@ def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, r_ptr, M, N
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc1 = acc
     # Before waiting for x (see dependent_launch), while the kernel before is finishing: the first
     # tile of the weight, its scales and bias
@@ -139,8 +148,8 @@ def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, r_ptr, M, N
         out = acc[None, :]
         out1 = acc1[None, :]
     else:
-        out = tl.sum(acc, axis=2)
-        out1 = tl.sum(acc1, axis=2)
+        out = acc
+        out1 = acc1
     out *= scale
     if HAS_BIAS:
         out += bias
