@@ -265,17 +265,21 @@ class GraphedDecoder:
         length = next(b for b in self.buckets if b > kv.length)
         self.ids.copy_(ids)
         self.pos.fill_(kv.length)
-        if self.use_graphs:
-            key = (self.batch_size, length)
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(length)
-            graph, out = self.graphs[key]
-            graph.replay()
-        else:
-            with torch.no_grad():
-                out = self._step(length)
+        out = self._run((self.batch_size, length), lambda: self._capture(length), lambda: self._step(length))
         kv.length += 1
         return out.clone()  # the graph's output buffer is overwritten by the next replay
+
+    def _run(self, key, capture, step) -> torch.Tensor:
+        """The output of the graph under ``key`` replayed (``capture()`` makes it on first use), or,
+        without graphs, of ``step()`` run eagerly."""
+        if not self.use_graphs:
+            with torch.no_grad():
+                return step()
+        if key not in self.graphs:
+            self.graphs[key] = capture()
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
 
     def warm_up(self) -> float:
         """Capture a graph for every bucket now; returns the seconds it took. The cache is left empty."""

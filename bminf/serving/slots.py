@@ -182,14 +182,7 @@ class SlotDecoder(GraphedDecoder):
             raise ValueError(f"a row of {max(self.lengths) + 1} tokens exceeds the slots' {self.max_length}")
         key = self._shape()
         self.ids[:n, 0].copy_(tokens)
-        if self.use_graphs:
-            if key not in self.graphs:
-                self.graphs[key] = self._capture_slots(key)
-            graph, out = self.graphs[key]
-            graph.replay()
-        else:
-            with torch.no_grad():
-                out = self._slot_step(*key)
+        out = self._run(key, lambda: self._capture_slots(key), lambda: self._slot_step(*key))
         self.lengths = [length + 1 for length in self.lengths]
         return out[:n, -1].clone()  # the graph's output buffer is overwritten by the next replay
 
