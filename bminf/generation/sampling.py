@@ -183,8 +183,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.
     if params.greedy:
         return z.argmax(-1)
     probs = distribution(z, params)
-    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-    for row in range(z.shape[0]):  # one generator per row: a row's draws do not depend on the others
-        gen = generators[row] if generators is not None else None
-        out[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
-    return out
+    # one generator per row: a row's draws do not depend on the others
+    gens = generators if generators is not None else [None] * z.shape[0]
+    return torch.cat([torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(gens)])

@@ -82,8 +82,10 @@ class _Slot:
         penalized = params.frequency_penalty != 0 or params.presence_penalty != 0
         self.counts = count_ids([job.source], vocab, job.no_penalty, device) if penalized else None
         self.exempt = set(job.no_penalty)
+        # on the device: a step stacks the rows' masks there instead of copying them over each time
         self.ban = torch.zeros(vocab, dtype=torch.bool)
         self.ban[job.filtered] = True
+        self.ban = self.ban.to(device)
         p = params
         self.key = (p.temperature, p.top_n, p.top_p, p.frequency_penalty, p.presence_penalty)
 
@@ -287,11 +289,13 @@ class Engine:
         """One token per row, each group of rows with equal parameters sampled together."""
         logits = self._logits
         ban = torch.stack([s.ban for s in self._slots])
+        rows, ids = [], []  # what the rows ban this step only (fill-blank's other sentinels), set at once
         for i, s in enumerate(self._slots):
-            extra = s.job.row.banned()
-            if extra:
-                ban[i, list(extra)] = True
-        ban = ban.to(logits.device)
+            extra = s.job.row.banned() or ()
+            rows += [i] * len(extra)
+            ids += list(extra)
+        if ids:
+            ban[torch.tensor(rows, device=ban.device), torch.tensor(ids, device=ban.device)] = True
         tokens = torch.empty(len(self._slots), dtype=torch.long, device=logits.device)
         groups: Dict[tuple, List[int]] = {}
         for i, s in enumerate(self._slots):
