@@ -286,3 +286,32 @@ def test_on_a_gpu_the_engine_warms_up_and_replays_cuda_graphs(kind):
         engine.stop()
     assert all(texts) and engine.steps > 0
     assert engine.stats()["cuda_graphs"] >= 3
+
+
+def test_slots_that_outgrow_the_memory_keep_only_the_rows_they_need(cpm1, monkeypatch):
+    """The slots keep their rows when they grow longer, unless the memory runs out: then they take the
+    rows the batch needs (out of memory is simulated for more than 2 rows of over 64 tokens)."""
+    from bminf.serving.slots import SlotDecoder
+
+    real = SlotDecoder.sized.__func__
+
+    def sized(cls, model, rows, columns, source=0, use_graphs=None):
+        if rows > 2 and columns > 64:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(cls, model, rows, columns, source, use_graphs)
+    monkeypatch.setattr(SlotDecoder, "sized", classmethod(sized))
+    short = [CompletionRequest(model="cpm1", prompt=p, max_tokens=4, temperature=0) for p in ("北京", "今天", "天空")]
+    got, engine = run_all(cpm1, short, max_batch=4, slots=True)
+    assert got == [cpm1.generate(p, max_tokens=4, temperature=0)[0] for p in ("北京", "今天", "天空")]
+    assert engine._fixed.batch_size == 4 and engine._fixed.max_length == 64
+    long = CompletionRequest(model="cpm1", prompt="天空是蔚蓝色，窗外有", max_tokens=70, temperature=0)
+    engine = Engine(cpm1.backbone, max_batch=4, slots=True)
+    engine._fixed = SlotDecoder.sized(cpm1.backbone, 4, 10)  # as after a warm-up: 4 rows, none running
+    c = Collector(completion_tasks(cpm1, long)[0])
+    engine.submit(c.task.job)
+    engine.start()
+    try:
+        assert c.result() == cpm1.generate("天空是蔚蓝色，窗外有", max_tokens=70, temperature=0)[0]
+    finally:
+        engine.stop()
+    assert (engine._fixed.batch_size, engine._fixed.max_length) == (1, 128)

@@ -252,16 +252,33 @@ class Engine:
         columns = max(length + s.job.remaining for length, s in zip(lengths, slots))
         source = max([cache.cross.k[0].shape[2] for cache, _ in parts] + (fixed.sources if fixed else [])) if t5 else 0
         if fixed is None or not fixed.fits(len(slots), columns, source):
-            rows = min(self.max_batch, _power_of_two(len(slots)))
-            if fixed is None:
-                fixed = SlotDecoder.sized(self.backbone, rows, columns, source)
-            else:
-                fixed = fixed.grown(rows, columns, source)
+            fixed = None  # no reference here: _resized may free the old slots before making new ones
+            fixed = self._resized(min(self.max_batch, _power_of_two(len(slots))), columns, source)
             _log.info("decode slots: %d rows of %d tokens%s", fixed.batch_size, fixed.max_length,
                       f", {fixed.max_source_length} source tokens" if t5 else "")
         for cache, rows in parts:
             fixed.admit(cache, len(rows))
         self._fixed = fixed
+
+    def _resized(self, rows: int, columns: int, source: int) -> SlotDecoder:
+        """Slots that hold ``rows`` rows of ``columns`` columns (T5: ``source`` source positions), the
+        running rows copied in. They keep the current slots' rows where memory allows (a shape the
+        graphs had), else take ``rows``; without running rows the old buffers go first."""
+        old = self._fixed
+        choices = [rows] if old is None else list(dict.fromkeys([max(rows, old.batch_size), rows]))
+        if old is not None and not old.running:  # nothing to copy: free the old buffers first
+            columns, source = max(columns, old.max_length), max(source, old.max_source_length if old.is_t5 else 0)
+            self._fixed = old = None
+
+        def make(n: int) -> SlotDecoder:
+            return SlotDecoder.sized(self.backbone, n, columns, source) if old is None else old.grown(n, columns, source)
+
+        if len(choices) > 1:
+            try:
+                return make(choices[0])
+            except torch.cuda.OutOfMemoryError:
+                _log.warning("no memory for %d decode slots of %d tokens; trying %d", choices[0], columns, choices[-1])
+        return make(choices[-1])
 
     def _make_room(self, new: List[Job]) -> None:
         """Before new rows are prefilled and joined: grow the budget's reserve (blocks move to host

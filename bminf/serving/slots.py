@@ -84,10 +84,13 @@ class SlotDecoder(GraphedDecoder):
         return cls(model, rows, columns, use_graphs=use_graphs, **extra)
 
     def grown(self, rows: int, columns: int, source: int = 0) -> "SlotDecoder":
-        """Slots at least this large that hold ``rows`` rows of ``columns`` columns (and ``source`` source
-        positions; see ``sized``), with the running rows copied to the same slots."""
+        """Slots of ``rows`` rows (at least the running ones) and at least this one's lengths that hold
+        ``columns`` columns (and ``source`` source positions; see ``sized``), with the running rows
+        copied to the same slots."""
+        if rows < self.running:
+            raise ValueError(f"{rows} slots cannot hold the {self.running} running rows")
         t5 = self.is_t5
-        big = self.sized(self.model, max(rows, self.batch_size), max(columns, self.max_length),
+        big = self.sized(self.model, rows, max(columns, self.max_length),
                          max(source, self.max_source_length) if t5 else 0, self.use_graphs)
         n = self.running
         if n:
