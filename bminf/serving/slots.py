@@ -13,8 +13,12 @@ buffers that graphs replay over (``GraphedDecoder``'s static step, with one posi
 * a step replays the graph of the smallest shape that holds them: rows rounded up to a power of two,
   the longest row to a length bucket (64, 128, ...), T5's widest source to a bucket. Slots past n in
   that shape compute rows nobody reads (their positions are kept inside the buffers);
-* the buffers only grow: when a join needs more rows, columns or source positions, ``grown`` makes
-  larger ones (powers of two) and copies the running rows over; the old graphs go with the old buffers.
+* when a join needs more rows, columns or source positions, ``grown`` makes larger buffers (powers of
+  two) and copies the running rows over; the old graphs go with the old buffers.
+
+Measured on an H200 (benchmark/serve.py, CPM-2, 64 tokens a request; h200_run38.log): one streaming
+client got 268 tokens/s against 26.4 from the gathered batch in the same run, 16 clients 1822 in
+all against 399.
 
 Off CUDA (or with ``use_graphs=False``) the same static step runs eagerly: that is what the CPU tests
 compare with the model classes.
