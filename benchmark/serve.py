@@ -13,6 +13,7 @@ text is noise; prompts are fill-blank prompts whose answers only end at the blan
 so most requests run to ``--max-tokens``; tokens are counted from each response's ``usage``.
 
     python benchmark/serve.py --memory-limits none 6GiB --clients 1 4 16 --max-tokens 64 --json out.json
+    python benchmark/serve.py --memory-limits none --eager-too --warm-each   # CUDA graphs against eager
     python benchmark/serve.py --version cpm2-demo --device cpu --clients 1 4 --max-tokens 8   # a smoke test
 """
 import argparse

@@ -182,6 +182,27 @@ def test_serve_command_checks_its_flags(capsys):
     assert "not one this model runs" in capsys.readouterr().err
 
 
+def test_serve_without_cuda_graphs_builds_the_gathered_engine(monkeypatch):
+    """``--no-cuda-graphs`` reaches the engine: on a GPU it would decode eagerly (slots off)."""
+    import bminf.serving.app as app
+    from bminf.cli import main
+
+    made = {}
+
+    class Stop(Exception):
+        pass
+
+    class FakeEngine:
+        def __init__(self, backbone, max_batch, slots=None):
+            made.update(max_batch=max_batch, slots=slots)
+            raise Stop
+    monkeypatch.setattr(app, "Engine", FakeEngine)
+    for flags, slots in ((["--no-cuda-graphs"], False), ([], None)):
+        with pytest.raises(Stop):
+            main(["serve", "--model", "cpm1", "--version", "cpm1-demo", "--device", "cpu", "--max-batch", "3"] + flags)
+        assert made == dict(max_batch=3, slots=slots)
+
+
 def test_stop_sequences_end_the_text_before_them(servers, models):
     client, m = servers["cpm1"].client(), models["cpm1"]
     full = client.completions.create(model="cpm1", prompt="北京", max_tokens=12, temperature=0).choices[0].text
