@@ -93,6 +93,12 @@ def test_slots_refuse_rows_past_their_size_and_steps_of_the_wrong_shape():
     slots.admit(cache, 2)
     with pytest.raises(ValueError, match="one token per running row"):
         slots.step(torch.tensor([1, 2, 3]))
+    for rows in ([1, 0], [0, 0], [2], [-1]):
+        with pytest.raises(ValueError, match="ascending running rows"):
+            slots.keep(rows)
+    assert slots.keep([1]) == [1] and slots.running == 1
+    with pytest.raises(ValueError, match="cannot hold"):
+        slots.grown(0, 64)
 
 
 @pytest.mark.gpu

@@ -131,6 +131,9 @@ class SlotDecoder(GraphedDecoder):
         """Keep the running rows ``rows`` (ascending) and drop the others. The last kept rows move into
         the holes, so the kept ones are slots [0, len(rows)) after; returns, for each such slot, the
         row it held before."""
+        rows = list(rows)
+        if rows != sorted(set(rows)) or (rows and not 0 <= rows[0] <= rows[-1] < self.running):
+            raise ValueError(f"keep takes ascending running rows (0 to {self.running - 1}), got {rows}")
         kept, m = set(rows), len(rows)
         holes = [i for i in range(m) if i not in kept]
         movers = [i for i in range(m, self.running) if i in kept]
