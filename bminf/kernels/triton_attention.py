@@ -147,8 +147,9 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
     pdl = dependent_launch.options(q.device)
     launch(kernel, (rows, splits), q, k, v, bias, out, new_k, new_v, pos, part, heads, length, chunk, scale,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-           bias.stride(0), bias.stride(1), new_k.stride(0), new_k.stride(1), pos_stride, D=d, WRITE=write, READ_BACK=read_back,
-           BOUND=bound, SPLIT=splits > 1, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps, **pdl)
+           bias.stride(0), bias.stride(1), new_k.stride(0), new_k.stride(1), pos_stride, D=d, WRITE=write,
+           READ_BACK=read_back, BOUND=bound, SPLIT=splits > 1, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps,
+           **pdl)
     if splits > 1:
         launch(combine, (rows,), part, out, splits, D=d, BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d,
                num_warps=1, **pdl)

@@ -271,7 +271,9 @@ class Engine:
             self._fixed = old = None
 
         def make(n: int) -> SlotDecoder:
-            return SlotDecoder.sized(self.backbone, n, columns, source) if old is None else old.grown(n, columns, source)
+            if old is None:
+                return SlotDecoder.sized(self.backbone, n, columns, source)
+            return old.grown(n, columns, source)
 
         if len(choices) > 1:
             try:
