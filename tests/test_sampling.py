@@ -88,6 +88,19 @@ def test_sampling_matches_the_distribution():
     assert freq.tolist() == pytest.approx([0.6, 0.3, 0.1], abs=0.03)
 
 
+def test_a_draw_is_what_torch_multinomial_draws_with_the_same_generator():
+    logits, params = torch.randn(6, 500) * 3, SamplingParams(temperature=0.8, top_p=0.9)
+    ours = sample(logits, params, generators=[torch.Generator().manual_seed(s) for s in range(6)])
+    probs = distribution(scores(logits, params), params)
+    theirs = [int(torch.multinomial(probs[i], 1, generator=torch.Generator().manual_seed(i))) for i in range(6)]
+    assert ours.tolist() == theirs
+
+
+def test_nothing_left_to_sample_is_an_error_not_a_token():
+    with pytest.raises(RuntimeError, match="no token can be sampled"):
+        sample(torch.zeros(2, 5), SamplingParams(temperature=1.0), filtered=torch.ones(5, dtype=torch.bool))
+
+
 def test_per_row_generators_make_rows_independent():
     logits = torch.zeros(3, 1000)
     a = sample(logits, SamplingParams(temperature=1.0), generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)])

@@ -183,6 +183,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.
     if params.greedy:
         return z.argmax(-1)
     probs = distribution(z, params)
-    # one generator per row: a row's draws do not depend on the others
-    gens = generators if generators is not None else [None] * z.shape[0]
-    return torch.cat([torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(gens)])
+    # torch.multinomial draws one sample as argmax(p / q), q ~ Exp(1) from the generator, but checks its
+    # input with two host syncs per call. The same draw here, each row's q from the row's own generator
+    # (a row's draws do not depend on the others), and one check for all rows.
+    if not bool(((probs >= 0) & (probs < float("inf"))).all() & (probs.sum(-1) > 0).all()):  # one sync
+        raise RuntimeError("no token can be sampled: the probabilities hold a NaN or inf, or are all zero "
+                           "(every token filtered?)")
+    q = torch.empty_like(probs)
+    for row in range(q.shape[0]):
+        q[row].exponential_(generator=generators[row] if generators is not None else None)
+    return (probs / q).argmax(-1)
