@@ -270,7 +270,7 @@ def test_on_a_gpu_the_engine_warms_up_and_replays_cuda_graphs(kind):
     cls = {"cpm1": bminf.models.CPM1, "cpm2": bminf.models.CPM2, "eva": bminf.models.EVA}[kind]
     model = cls(version=f"{kind}-demo", device="cuda")
     engine = Engine(model.backbone, max_batch=4)
-    assert engine.slots
+    assert engine.fixed_slots
     assert engine.warm_up() > 0 and engine.stats()["cuda_graphs"] == 3  # batches of 1, 2 and 4 rows
     make = chat_tasks if kind == "eva" else completion_tasks
     requests = ([ChatRequest(model=kind, messages=[{"role": "user", "content": "推荐一本书"}], max_tokens=12, seed=i)

@@ -6,9 +6,9 @@ tensor([1])
 """
 from .loop import GPTRunner, T5Runner, decode, pad_rows
 from .rows import BlankRow, TextRow
-from .sampling import (SamplingParams, count_ids, distribution, keep_top_n, keep_top_p, penalize, sample,
+from .sampling import (SamplingParams, ban_ids, count_ids, distribution, keep_top_n, keep_top_p, penalize, sample,
                        scores)
 from .text import TextStream
 
 __all__ = ["SamplingParams", "sample", "scores", "distribution", "penalize", "keep_top_n", "keep_top_p", "count_ids",
-           "decode", "GPTRunner", "T5Runner", "pad_rows", "TextRow", "BlankRow", "TextStream"]
+           "ban_ids", "decode", "GPTRunner", "T5Runner", "pad_rows", "TextRow", "BlankRow", "TextStream"]

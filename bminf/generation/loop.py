@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .sampling import SamplingParams, count_ids, sample
+from .sampling import SamplingParams, ban_ids, count_ids, sample
 
 __all__ = ["GPTRunner", "T5Runner", "decode", "pad_rows"]
 
@@ -107,17 +107,14 @@ def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequenc
         penalized = params.frequency_penalty != 0 or params.presence_penalty != 0
         counts = count_ids(prompts, vocab_size, no_penalty, device) if penalized else None
         exempt = set(no_penalty)
-        device_ban = torch.zeros(vocab_size, dtype=torch.bool)
+        device_ban = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # what every step bans
         device_ban[list(filtered)] = True
-        device_ban = device_ban.to(device)  # (vocab,): what every step bans when no row adds to it
         generators = None if params.greedy else [_generator(params.seed, device) for _ in rows]
         while True:
             extras = [row.banned() or () for row in rows]
             ban = device_ban
-            if any(extras):  # rows with bans of their own (fill_blank): (batch, vocab), set on the device at once
-                ban = device_ban[None].repeat(len(rows), 1)
-                at = torch.tensor([(i, token) for i, extra in enumerate(extras) for token in extra], device=device)
-                ban[at[:, 0], at[:, 1]] = True
+            if any(extras):  # rows with bans of their own (fill_blank): (batch, vocab)
+                ban = ban_ids(device_ban[None].repeat(len(rows), 1), extras)
             tokens = sample(logits, params, counts, ban, generators)
             events = []
             for i, (row, token) in enumerate(zip(rows, tokens.tolist())):

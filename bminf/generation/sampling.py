@@ -24,7 +24,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["SamplingParams", "penalize", "keep_top_n", "keep_top_p", "scores", "distribution", "sample", "count_ids"]
+__all__ = ["SamplingParams", "penalize", "keep_top_n", "keep_top_p", "scores", "distribution", "sample", "count_ids",
+           "ban_ids"]
 
 
 @dataclass
@@ -91,6 +92,20 @@ def count_ids(rows: Sequence[Sequence[int]], vocab_size: int, exempt: Sequence[i
     if len(exempt):
         counts[:, list(exempt)] = 0
     return counts.to(device) if device is not None else counts
+
+
+def ban_ids(ban: torch.Tensor, per_row: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``ban`` (batch, vocab) with ``per_row[i]``'s ids of row ``i`` set too, in one indexing on its device
+    (fill-blank's rows each ban other sentinels at every step).
+
+    >>> ban_ids(torch.zeros(2, 3, dtype=torch.bool), [[1], [0, 2]]).tolist()
+    [[False, True, False], [True, False, True]]
+    """
+    at = [(i, token) for i, ids in enumerate(per_row) for token in ids]
+    if at:
+        at = torch.tensor(at, device=ban.device)
+        ban[at[:, 0], at[:, 1]] = True
+    return ban
 
 
 def penalize(logits: torch.Tensor, counts: torch.Tensor, frequency_penalty: float,

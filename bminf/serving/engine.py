@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..generation import SamplingParams, count_ids, sample
+from ..generation import SamplingParams, ban_ids, count_ids, sample
 from ..generation.graphs import _streams_or_splits
 from ..offload import TransformerBlockList
 from . import batch
@@ -83,9 +83,8 @@ class _Slot:
         self.counts = count_ids([job.source], vocab, job.no_penalty, device) if penalized else None
         self.exempt = set(job.no_penalty)
         # on the device: a step stacks the rows' masks there instead of copying them over each time
-        self.ban = torch.zeros(vocab, dtype=torch.bool)
+        self.ban = torch.zeros(vocab, dtype=torch.bool, device=device)
         self.ban[job.filtered] = True
-        self.ban = self.ban.to(device)
         p = params
         self.key = (p.temperature, p.top_n, p.top_p, p.frequency_penalty, p.presence_penalty)
 
@@ -98,7 +97,7 @@ class Engine:
     ``slots``: None (default) keeps the running rows in fixed slots stepped from CUDA graphs where the
     backbone is resident on one GPU, else gathers a new cache as rows come and go (see the module
     doc); True takes the fixed slots anywhere (off CUDA their step runs eagerly: the CPU tests), False
-    never."""
+    never. ``fixed_slots`` says which the engine took."""
 
     def __init__(self, backbone: torch.nn.Module, max_batch: int = 16, slots: Optional[bool] = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -113,7 +112,7 @@ class Engine:
         resident = not self._budgets and not _streams_or_splits(layers)
         if slots and not resident:
             raise ValueError("fixed slots need a backbone resident on one device (no memory_limit, one GPU)")
-        self.slots = resident and self.device.type == "cuda" if slots is None else slots
+        self.fixed_slots = resident and self.device.type == "cuda" if slots is None else slots
         self._fixed: Optional[SlotDecoder] = None  # the fixed slots, made at the first join
         self._inbox: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._slots: List[_Slot] = []
@@ -148,7 +147,7 @@ class Engine:
         wait for that. Returns the seconds it took (0 without graphs)."""
         if self._thread.is_alive():
             raise RuntimeError("warm_up() runs before start()")
-        if not self.slots or self.device.type != "cuda":
+        if not self.fixed_slots or self.device.type != "cuda":
             return 0.0
         start = time.perf_counter()
         with torch.inference_mode():
@@ -228,7 +227,7 @@ class Engine:
         if not parts:
             return
         try:
-            if self.slots:
+            if self.fixed_slots:
                 self._join_slots(parts, slots)
             else:
                 running = [(self._cache, range(len(self._slots)))] if self._slots else []
@@ -245,20 +244,19 @@ class Engine:
         """The prefilled ``parts`` into the slots after the running rows, the slots grown first when
         the rows, a row's length to come, or a source would not fit."""
         t5 = hasattr(parts[0][0], "cross")
-        fixed = self._fixed
-        lengths = list(fixed.lengths) if fixed is not None else []
+        # no local reference to the slots: _resized may free the old ones before making new ones
+        lengths = list(self._fixed.lengths) if self._fixed is not None else []
         for cache, rows in parts:
             lengths += [(cache.self_kv if t5 else cache).length] * len(rows)
         columns = max(length + s.job.remaining for length, s in zip(lengths, slots))
-        source = max([cache.cross.k[0].shape[2] for cache, _ in parts] + (fixed.sources if fixed else [])) if t5 else 0
-        if fixed is None or not fixed.fits(len(slots), columns, source):
-            fixed = None  # no reference here: _resized may free the old slots before making new ones
-            fixed = self._resized(min(self.max_batch, _power_of_two(len(slots))), columns, source)
-            _log.info("decode slots: %d rows of %d tokens%s", fixed.batch_size, fixed.max_length,
-                      f", {fixed.max_source_length} source tokens" if t5 else "")
+        running_sources = self._fixed.sources if self._fixed is not None else []
+        source = max([cache.cross.k[0].shape[2] for cache, _ in parts] + running_sources) if t5 else 0
+        if self._fixed is None or not self._fixed.fits(len(slots), columns, source):
+            self._fixed = self._resized(min(self.max_batch, _power_of_two(len(slots))), columns, source)
+            _log.info("decode slots: %d rows of %d tokens%s", self._fixed.batch_size, self._fixed.max_length,
+                      f", {self._fixed.max_source_length} source tokens" if t5 else "")
         for cache, rows in parts:
-            fixed.admit(cache, len(rows))
-        self._fixed = fixed
+            self._fixed.admit(cache, len(rows))
 
     def _resized(self, rows: int, columns: int, source: int) -> SlotDecoder:
         """Slots that hold ``rows`` rows of ``columns`` columns (T5: ``source`` source positions), the
@@ -307,14 +305,8 @@ class Engine:
     def _sample(self) -> torch.Tensor:
         """One token per row, each group of rows with equal parameters sampled together."""
         logits = self._logits
-        ban = torch.stack([s.ban for s in self._slots])
-        rows, ids = [], []  # what the rows ban this step only (fill-blank's other sentinels), set at once
-        for i, s in enumerate(self._slots):
-            extra = s.job.row.banned() or ()
-            rows += [i] * len(extra)
-            ids += list(extra)
-        if ids:
-            ban[torch.tensor(rows, device=ban.device), torch.tensor(ids, device=ban.device)] = True
+        # what each row bans always, and this step only (fill-blank's other sentinels)
+        ban = ban_ids(torch.stack([s.ban for s in self._slots]), [s.job.row.banned() or () for s in self._slots])
         tokens = torch.empty(len(self._slots), dtype=torch.long, device=logits.device)
         groups: Dict[tuple, List[int]] = {}
         for i, s in enumerate(self._slots):
@@ -346,16 +338,16 @@ class Engine:
             elif not job.cancelled:
                 keep.append(i)
         if len(keep) < len(self._slots):
-            if self.slots:
+            if self.fixed_slots:
                 keep = self._fixed.keep(keep)  # the rows kept, in their new order
             self._slots = [self._slots[i] for i in keep]
             if not keep:
                 self._cache = self._logits = None
                 return
-            if not self.slots:
+            if not self.fixed_slots:
                 self._cache = batch.join([(self._cache, keep)], room=max(s.job.remaining for s in self._slots))
             tokens = tokens[torch.as_tensor(keep, device=tokens.device)]
-        if self.slots:
+        if self.fixed_slots:
             self._logits = self._fixed.step(tokens)
         else:
             self._logits = batch.step(self.backbone, self._cache, tokens)

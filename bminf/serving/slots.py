@@ -67,15 +67,12 @@ class SlotDecoder(GraphedDecoder):
     def admit(self, cache, rows: int) -> None:
         """Put the ``rows`` rows of a prefill's ``cache`` (``batch.prefill``) after the running rows:
         GPT, a ``KVCache`` whose rows end at its length; T5, a ``T5Cache`` after its first decoder step."""
-        t5 = self.is_t5
-        kv = cache.self_kv if t5 else cache
-        source = cache.cross.k[0].shape[2] if t5 else 0
-        index = torch.arange(rows, device=self.device)
-        pos = torch.full((rows,), kv.length, dtype=torch.long, device=self.device)
-        self._copy_in(kv, cache.cross if t5 else None, cache.encoder_mask if t5 else None, index, kv.length,
-                      source, pos)
-        self.lengths += [kv.length] * rows
-        self.sources += [source] * rows if t5 else []
+        length = (cache.self_kv if self.is_t5 else cache).length
+        source = cache.cross.k[0].shape[2] if self.is_t5 else 0
+        pos = torch.full((rows,), length, dtype=torch.long, device=self.device)
+        self._copy_in(cache, torch.arange(rows, device=self.device), length, source, pos)
+        self.lengths += [length] * rows
+        self.sources += [source] * rows if self.is_t5 else []
 
     @classmethod
     def sized(cls, model: torch.nn.Module, rows: int, columns: int, source: int = 0,
@@ -98,16 +95,16 @@ class SlotDecoder(GraphedDecoder):
                          max(source, self.max_source_length) if t5 else 0, self.use_graphs)
         n = self.running
         if n:
-            big._copy_in(self._kv(), self.cache.cross if t5 else None, self.cache.encoder_mask if t5 else None,
-                         torch.arange(n, device=self.device), max(self.lengths), max(self.sources) if t5 else 0,
-                         self.pos[:n])
+            big._copy_in(self.cache, torch.arange(n, device=self.device), max(self.lengths),
+                         max(self.sources) if t5 else 0, self.pos[:n])
         big.lengths, big.sources = list(self.lengths), list(self.sources)
         return big
 
-    def _copy_in(self, kv, cross, encoder_mask, index: torch.Tensor, columns: int, source: int,
-                 pos: torch.Tensor) -> None:
-        # rows `index` of another cache into the slots after the running ones, their first `columns`
-        # columns (and `source` cross-attention positions): one copy per buffer, not one per row
+    def _copy_in(self, cache, index: torch.Tensor, columns: int, source: int, pos: torch.Tensor) -> None:
+        # rows `index` of another cache (GPT: a KVCache, T5: a T5Cache) into the slots after the running
+        # ones, their first `columns` columns (and `source` cross-attention positions): one copy per
+        # buffer, not one per row
+        kv = cache.self_kv if self.is_t5 else cache
         n, k = self.running, len(index)
         if not self.fits(n + k, columns, source):
             raise ValueError(f"{n + k} rows of {columns} columns and {source} source positions do not fit slots "
@@ -120,12 +117,12 @@ class SlotDecoder(GraphedDecoder):
         mine.key_mask[put, :columns] = kv.key_mask[index, :columns]
         mine.n_valid[put] = kv.n_valid[index]
         self.pos[put] = pos
-        if cross is not None:
+        if self.is_t5:
             for layer in range(len(mine.k)):
-                self.cache.cross.k[layer][put, :, :source] = cross.k[layer][index, :, :source]
-                self.cache.cross.v[layer][put, :, :source] = cross.v[layer][index, :, :source]
+                self.cache.cross.k[layer][put, :, :source] = cache.cross.k[layer][index, :, :source]
+                self.cache.cross.v[layer][put, :, :source] = cache.cross.v[layer][index, :, :source]
             self.cache.encoder_mask[put] = False
-            self.cache.encoder_mask[put, :source] = encoder_mask[index, :source]
+            self.cache.encoder_mask[put, :source] = cache.encoder_mask[index, :source]
 
     def keep(self, rows: Sequence[int]) -> List[int]:
         """Keep the running rows ``rows`` (ascending) and drop the others. The last kept rows move into
