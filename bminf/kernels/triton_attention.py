@@ -9,8 +9,8 @@ graphed step, also stores the new key and value at their position.
 
 Where the (row, head)s leave multiprocessors idle (batch 1) and there are more than 256 keys, the
 keys are split across programs (flash-decoding) and a second small kernel combines the partial
-softmaxes. A graphed step does not read the keys after its own position: they are masked for every
-row, and a masked key adds exactly 0. Where it stores the step's key and value, large batches read
+softmaxes. A graphed step does not read a row's keys after the row's position (one for every row,
+or one per row): they are masked, and a masked key adds exactly 0. Where it stores the step's key and value, large batches read
 them back from the cache after a barrier, batch 1 takes them from registers. Launched with
 programmatic dependent launch (``dependent_launch``), batch 1 loads its first tile of keys, values
 and bias while the kernel before it (the query's projection) is finishing.
