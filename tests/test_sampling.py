@@ -88,11 +88,12 @@ def test_sampling_matches_the_distribution():
     assert freq.tolist() == pytest.approx([0.6, 0.3, 0.1], abs=0.03)
 
 
-def test_a_draw_is_what_torch_multinomial_draws_with_the_same_generator():
-    logits, params = torch.randn(6, 500) * 3, SamplingParams(temperature=0.8, top_p=0.9)
-    ours = sample(logits, params, generators=[torch.Generator().manual_seed(s) for s in range(6)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_draw_is_what_torch_multinomial_draws_with_the_same_generator(device):
+    logits, params = torch.randn(6, 500, device=device) * 3, SamplingParams(temperature=0.8, top_p=0.9)
+    ours = sample(logits, params, generators=[torch.Generator(device).manual_seed(s) for s in range(6)])
     probs = distribution(scores(logits, params), params)
-    theirs = [int(torch.multinomial(probs[i], 1, generator=torch.Generator().manual_seed(i))) for i in range(6)]
+    theirs = [int(torch.multinomial(probs[i], 1, generator=torch.Generator(device).manual_seed(i))) for i in range(6)]
     assert ours.tolist() == theirs
 
 
