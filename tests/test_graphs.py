@@ -93,9 +93,9 @@ def test_t5_static_step_equals_eager(quantized):
 
 
 @pytest.mark.parametrize("kind", ["gpt", "t5"])
-def test_first_step_run_for_compiling_leaves_the_cache_as_it_was(kind):
-    # compile_ahead runs the first bucket's step once (our kernels only compiling, on a GPU) before
-    # the prompt: the step's writes to the cache's host and device state must be put back
+def test_steps_run_for_compiling_leave_the_cache_as_it_was(kind):
+    # compile_ahead runs every bucket's step once (our kernels only compiling, on a GPU) before the
+    # prompt: the steps' writes to the cache's host and device state must be put back
     model = tiny_gpt() if kind == "gpt" else tiny_t5()
     dec = GraphedDecoder(model, batch_size=2, max_length=16, max_source_length=8, buckets=[8, 16])
     cache = dec.new_cache() if kind == "gpt" else dec.new_cache(torch.ones(2, 5, dtype=torch.bool))
@@ -103,7 +103,7 @@ def test_first_step_run_for_compiling_leaves_the_cache_as_it_was(kind):
     before = kv.key_mask.clone(), kv.n_valid.clone(), kv.length
     filled = None if kind == "gpt" else list(cache.cross.filled)
     with torch.no_grad():
-        dec._first_step_compiled()
+        dec._steps_compiled()
     assert torch.equal(kv.key_mask, before[0]) and torch.equal(kv.n_valid, before[1]) and kv.length == before[2]
     assert kind == "gpt" or cache.cross.filled == filled
     assert not dec.graphs
@@ -157,6 +157,28 @@ def test_cuda_graph_steps_match_eager_on_gpu(kind):
     for a, b in zip(eager, graphed):
         assert torch.equal(a.argmax(-1), b.argmax(-1))
         assert rel_err(b.float(), a.float()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_the_prompts_call_compiles_the_kernels_of_every_bucket():
+    # each bucket's graph attends with a kernel variant of its own; compiled ahead with the prompt's
+    # kernels (compile_ahead), none is left for the captures of the later buckets
+    from bminf.kernels import attention_kernels, compile_ahead
+    if not compile_ahead.available():
+        pytest.skip("this Triton has no AsyncCompileMode")
+    torch.manual_seed(0)
+    model = quantize_(tiny_gpt(d_model=36, n_heads=2, d_head=18)).cuda().half()  # a head size no other test uses
+    compiled = lambda: sum(len(c[0]) for c in attention_kernels.decode_attention.device_caches.values())
+    dec = GraphedDecoder(model, batch_size=1, max_length=40, buckets=[8, 16, 40])
+    cache = dec.new_cache()
+    before = compiled()
+    with torch.no_grad():
+        logits = dec(torch.randint(0, 97, (1, 3), device="cuda"), attention_mask=None, cache=cache)[:, -1]
+        after_prompt = compiled()
+        for _ in range(30):  # through all three buckets
+            logits = dec(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+    assert len(dec.graphs) == 3
+    assert after_prompt >= before + 2 and compiled() == after_prompt  # 8 and 16 keys may share one
 
 
 @pytest.mark.gpu

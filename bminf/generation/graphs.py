@@ -238,11 +238,15 @@ class GraphedDecoder:
         self.capture_s += time.perf_counter() - t
         return graph, out
 
-    def _first_step_compiled(self) -> None:
-        """Under ``compile_ahead.compiling_only``: the first bucket's step, unless captured already,
-        so that its kernels compile with the prompt's, on the same threads, before the eager first
-        step needs most of them. The step's host-side state is put back after."""
-        if (self.batch_size, self.buckets[0]) in self.graphs:
+    def _steps_compiled(self) -> None:
+        """Under ``compile_ahead.compiling_only``: the step of every bucket not captured yet, so that their
+        kernels compile with the prompt's, on the same threads, before the eager first step
+        needs most of them. Each bucket has an attention kernel of its own: compiled when its graph was
+        first captured, one after another, they took about 2 s of CPM-2's first call on an H200 (the
+        first call +5.2 s against +3.3 s with every bucket here; h200_run42.log, h200_run45.log). The
+        steps' host-side state is put back after."""
+        lengths = [n for n in self.buckets if (self.batch_size, n) not in self.graphs]
+        if not lengths:
             return
         put_back = self._step_state()
         filled = list(self.cache.cross.filled) if self.is_t5 else None
@@ -250,7 +254,8 @@ class GraphedDecoder:
             self.cache.cross.filled = [True] * len(filled)  # the step reads the (unfilled) buffers
         try:
             with always_fused():
-                self._step(self.buckets[0])
+                for length in lengths:
+                    self._step(length)
         finally:
             put_back()
             if self.is_t5:
@@ -332,7 +337,7 @@ class GraphedDecoder:
             return self._replay(input_ids)
         if self.use_graphs and compile_ahead.available() and (self.batch_size, self.buckets[0]) not in self.graphs:
             with torch.no_grad(), dependent_launch.within_a_step(), compile_ahead.compiling_only(self.device):
-                self._first_step_compiled()
+                self._steps_compiled()
         with torch.no_grad(), dependent_launch.within_a_step():  # the same kernels as the graphs'
             return self.model(input_ids, attention_mask=attention_mask, cache=cache)
 
@@ -365,7 +370,7 @@ class GraphedDecoder:
         # the kernels eager ``encode`` would pick (not fused): a prompt's rows are many, so the graph
         # saves host time, not a choice of kernel, and the numbers stay the eager path's
         graph, out = self._record(lambda: self.model.encode_embeddings(emb, mask), warm_ups=1, fused=False,
-                                  compile_also=self._first_step_compiled)
+                                  compile_also=self._steps_compiled)
         return emb, mask, graph, out
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_output: Optional[torch.Tensor] = None, cache=None):
