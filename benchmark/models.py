@@ -101,7 +101,7 @@ def run(kind: str, root: str, device: torch.device, limit, tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["cpm1", "eva", "cpm2"], choices=list(TASKS))
-    parser.add_argument("--cpm2-memory-limit", default="6GiB")
+    parser.add_argument("--cpm2-memory-limit", default="6GiB", help="a size, or 'none' (resident)")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of the timed call (greedy)")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
     parser.add_argument("--json", help="write the rows here")
@@ -111,7 +111,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         for kind in args.models:
-            limit = parse_size(args.cpm2_memory_limit) if kind == "cpm2" else None
+            resident = kind != "cpm2" or args.cpm2_memory_limit.lower() == "none"
+            limit = None if resident else parse_size(args.cpm2_memory_limit)
             rows.append(run(kind, root, device, limit, args.tokens))
     if args.json:
         with open(args.json, "w") as f:
