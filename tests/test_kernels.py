@@ -203,13 +203,21 @@ worst = dict(many=0.0, norm=0.0, gelu=0.0, gated=0.0, add=0.0)
 def err(y, ref):  # a NaN anywhere counts as infinitely wrong (max() would pass over it)
     e = float((y.cpu().double() - ref.cpu().double()).abs().max() / ref.cpu().double().abs().max())
     return e if e == e else float("inf")
-for m, n, k in [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030)]:
+# the split-K matmul (5-64 rows) splits K as it would on a GPU of 132 multiprocessors: 2-3 splits here,
+# some with a short last stretch of K (2100 = 1024 + 1024 + 52)
+from bminf.kernels import triton_int8
+triton_gemv.multiprocessors = lambda device: 132
+for m, n, k in [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030), (5, 70, 2100), (17, 64, 1030), (40, 33, 1100)]:
     ws = [quantize_weight(torch.randn(n, k)) for _ in range(3)]
     x = torch.randn(m, k).half()
     bs = [torch.randn(n).half() for _ in range(3)]
     for bias in (bs, None):
-        ys = triton_gemv.int8_gemv_many(x.to(dev), [q.to(dev) for q, _ in ws], [s.to(dev) for _, s in ws],
-                                        None if bias is None else [b.to(dev) for b in bias])
+        ys = triton_int8.int8_linear_many(x.to(dev), [q.to(dev) for q, _ in ws], [s.to(dev) for _, s in ws],
+                                          None if bias is None else [b.to(dev) for b in bias])
+        if m <= triton_gemv.MAX_ROWS:  # the GEMV's own entry point gives the same
+            assert all(torch.equal(a, b) for a, b in zip(ys, triton_gemv.int8_gemv_many(
+                x.to(dev), [q.to(dev) for q, _ in ws], [s.to(dev) for _, s in ws],
+                None if bias is None else [b.to(dev) for b in bias])))
         for (q, s), b, y in zip(ws, bias or [None] * 3, ys):
             assert y.shape == (m, n) and y.dtype == torch.float16
             ref = F.linear(x.double(), q.double() * s.double()[:, None], None if b is None else b.double())
@@ -229,20 +237,22 @@ for d in (96, 1000, 4096):
     s2, none = triton_norm.residual(x.to(dev), h.to(dev))
     assert none is None and torch.equal(s2.cpu(), s_ref)
 # the GEMV's epilogues (GPT's GELU, T5's gated GELU, a residual add) against the unfused ops in float64
-for m, n, k in [(1, 96, 80), (3, 70, 600), (4, 33, 130), (1, 64, 1024)]:
+for m, n, k in [(1, 96, 80), (3, 70, 600), (4, 33, 130), (1, 64, 1024), (6, 70, 2100), (33, 96, 1030)]:
     (qa, sa), (qg, sg) = quantize_weight(torch.randn(n, k) / 10), quantize_weight(torch.randn(n, k) / 10)
     x, b, r = torch.randn(m, k).half(), torch.randn(n).half(), torch.randn(m, n).half()
     def lin(q, s, b=None):
         return F.linear(x.double(), q.double() * s.double()[:, None], None if b is None else b.double())
-    y = triton_gemv.int8_gemv_gelu(x.to(dev), qa.to(dev), sa.to(dev), b.to(dev))
+    gemv = m <= triton_gemv.MAX_ROWS  # then the GEMV's own entry points, else the matmul's
+    gelu, gated, add = ((triton_gemv.int8_gemv_gelu, triton_gemv.int8_gemv_gated, triton_gemv.int8_gemv_add) if gemv
+                        else (triton_int8.int8_linear_gelu, triton_int8.int8_linear_gated, triton_int8.int8_linear_add))
+    y = gelu(x.to(dev), qa.to(dev), sa.to(dev), b.to(dev))
     worst["gelu"] = max(worst["gelu"], err(y, F.gelu(lin(qa, sa, b), approximate="tanh")))
-    y = triton_gemv.int8_gemv_gated(x.to(dev), qa.to(dev), sa.to(dev), qg.to(dev), sg.to(dev))
+    y = gated(x.to(dev), qa.to(dev), sa.to(dev), qg.to(dev), sg.to(dev))
     worst["gated"] = max(worst["gated"], err(y, F.gelu(lin(qa, sa), approximate="tanh") * lin(qg, sg)))
-    y = triton_gemv.int8_gemv_add(x.to(dev), qa.to(dev), sa.to(dev), b.to(dev), r.to(dev))
+    y = add(x.to(dev), qa.to(dev), sa.to(dev), b.to(dev), r.to(dev))
     assert y.shape == (m, n) and y.dtype == torch.float16
     worst["add"] = max(worst["add"], err(y, r.double() + lin(qa, sa, b)))
 # the prefill path's dequantization: bit for bit torch's int8 * 16-bit product
-from bminf.kernels import triton_int8
 for n, k in [(5, 700), (40, 1030)]:
     q, s = quantize_weight(torch.randn(n, k) * 100)
     w = triton_int8.dequantize(q.to(dev), s.to(dev), torch.float16)
@@ -301,7 +311,8 @@ def test_fused_epilogues_are_picked_for_decode_and_give_gradients(monkeypatch):
     torch.manual_seed(0)
     a, g = (QuantizedLinear(torch.nn.Linear(256, 96, bias=False)).cuda().half() for _ in range(2))
     lin = QuantizedLinear(torch.nn.Linear(256, 96)).cuda().half()
-    for rows, fused in [(1, True), (4, True), (5, False)]:  # more than 4 rows: the modules and torch ops
+    # 1-4 rows: the GEMV, 5-64 the split-K matmul, more than 64 the modules and torch ops
+    for rows, fused in [(1, True), (4, True), (5, True), (40, True), (triton_int8.MAX_ROWS + 1, False)]:
         x = torch.randn(rows, 256, device="cuda", dtype=torch.float16, requires_grad=True)
         r = torch.randn(rows, 96, device="cuda", dtype=torch.float16, requires_grad=True)
         for got, want in [(int8_gated_gelu(x, a, g), F.gelu(a(x), approximate="tanh") * g(x)),

@@ -69,10 +69,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 
 def _one_launch(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
-    """Whether these int8 linears (``QuantizedLinear``s of one shape) can run on ``x`` as one GEMV
-    launch: decode rows on CUDA where the Triton kernel applies. Chosen by device, dtype and shape
-    alone, never by grad mode (see ``int8_linear``)."""
-    if x.dim() == 0 or x.numel() // max(x.shape[-1], 1) > triton_gemv.MAX_ROWS:
+    """Whether these int8 linears (``QuantizedLinear``s of one shape) can run on ``x`` as one launch of
+    the GEMV (1-4 rows) or of the split-K matmul (up to 64 rows, then its sums' kernel): on CUDA where
+    the Triton kernels apply. Chosen by device, dtype and shape alone, never by grad mode (see
+    ``int8_linear``)."""
+    if x.dim() == 0 or x.numel() // max(x.shape[-1], 1) > triton_int8.MAX_ROWS:
         return False
     first = linears[0]
     for lin in linears:
@@ -86,14 +87,14 @@ def _one_launch(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
 
 
 class _GroupInt8Linear(torch.autograd.Function):
-    """``int8_gemv_many``'s forward; the input and bias gradients from the dequantized weights."""
+    """``int8_linear_many``'s forward; the input and bias gradients from the dequantized weights."""
 
     @staticmethod
     def forward(ctx, n: int, x, *params):
         weights, scales, biases = params[:n], params[n:2 * n], params[2 * n:]
         ctx.n, ctx.has_bias = n, bool(biases)
         ctx.save_for_backward(*weights, *scales)
-        return tuple(triton_gemv.int8_gemv_many(x, weights, scales, biases or None))
+        return tuple(triton_int8.int8_linear_many(x, weights, scales, biases or None))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -109,18 +110,19 @@ class _GroupInt8Linear(torch.autograd.Function):
 
 def int8_linear_group(x: torch.Tensor, linears: Sequence[nn.Module]) -> List[torch.Tensor]:
     """``[lin(x) for lin in linears]`` for up to three int8 linears of one shape on one input
-    (attention's q/k/v): one kernel launch on CUDA for a few rows, the modules one by one elsewhere."""
+    (attention's q/k/v): one launch on CUDA for up to 64 rows (see ``_one_launch``), the modules one by
+    one elsewhere."""
     if 0 < len(linears) <= triton_gemv.MAX_GROUP and _one_launch(x, linears):
         weights, scales = [lin.weight for lin in linears], [lin.scale for lin in linears]
         biases = [lin.bias for lin in linears] if linears[0].bias is not None else []
         if torch.is_grad_enabled() and (x.requires_grad or any(b.requires_grad for b in biases)):
             return list(_GroupInt8Linear.apply(len(linears), x, *weights, *scales, *biases))
-        return triton_gemv.int8_gemv_many(x, weights, scales, biases or None)  # the same, without autograd
+        return triton_int8.int8_linear_many(x, weights, scales, biases or None)  # the same, without autograd
     return [lin(x) for lin in linears]
 
 
 class _Epilogue(torch.autograd.Function):
-    """A GEMV with its epilogue fused (``triton_gemv.int8_gemv_gelu`` and kin); gradients from the
+    """A kernel with its epilogue fused (``triton_int8.int8_linear_gelu`` and kin); gradients from the
     unfused PyTorch formula, recomputed (the kernel is chosen by device, dtype and shape alone)."""
 
     @staticmethod
@@ -160,30 +162,30 @@ def _bias(linear: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def int8_gated_gelu(x: torch.Tensor, linear_in: nn.Module, linear_gated: nn.Module) -> torch.Tensor:
-    """``gelu_tanh(linear_in(x)) * linear_gated(x)`` (T5 v1.1's feed-forward input): for decode rows
-    on CUDA one kernel reads both weights and applies the GELU and product before its store (the
+    """``gelu_tanh(linear_in(x)) * linear_gated(x)`` (T5 v1.1's feed-forward input): for up to 64 rows
+    on CUDA one launch reads both weights and applies the GELU and product before its store (the
     two fp16 roundings of the torch ops kept); elsewhere the modules and torch ops."""
     pair = (linear_in, linear_gated)
     if linear_in.bias is None and _one_launch(x, pair):
-        return _fused(triton_gemv.int8_gemv_gated, _gated_formula, x, linear_in.weight, linear_in.scale,
+        return _fused(triton_int8.int8_linear_gated, _gated_formula, x, linear_in.weight, linear_in.scale,
                       linear_gated.weight, linear_gated.scale)
     return F.gelu(linear_in(x), approximate="tanh") * linear_gated(x)
 
 
 def int8_linear_gelu(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
-    """``gelu_tanh(linear(x))`` (GPT's feed-forward input): the GELU in the GEMV's epilogue for decode
-    rows on CUDA, the module and ``F.gelu`` elsewhere."""
+    """``gelu_tanh(linear(x))`` (GPT's feed-forward input): the GELU in the kernels' epilogue for up to
+    64 rows on CUDA, the module and ``F.gelu`` elsewhere."""
     if _one_launch(x, (linear,)):
-        return _fused(triton_gemv.int8_gemv_gelu, _gelu_formula, x, linear.weight, linear.scale, _bias(linear, x))
+        return _fused(triton_int8.int8_linear_gelu, _gelu_formula, x, linear.weight, linear.scale, _bias(linear, x))
     return F.gelu(linear(x), approximate="tanh")
 
 
 def int8_linear_add(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x)`` (a block's residual connection): the add in the GEMV's epilogue for
-    decode rows on CUDA (the product rounded to fp16 first, as the two torch ops round)."""
+    """``residual + linear(x)`` (a block's residual connection): the add in the kernels' epilogue for up
+    to 64 rows on CUDA (the product rounded to fp16 first, as the two torch ops round)."""
     if (_one_launch(x, (linear,)) and residual.dtype == x.dtype
             and residual.shape == (*x.shape[:-1], linear.weight.shape[0])):
-        return _fused(triton_gemv.int8_gemv_add, _add_formula, x, linear.weight, linear.scale, _bias(linear, x),
+        return _fused(triton_int8.int8_linear_add, _add_formula, x, linear.weight, linear.scale, _bias(linear, x),
                       residual)
     return residual + linear(x)
 

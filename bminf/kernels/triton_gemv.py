@@ -147,15 +147,37 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x2
 
 
+def padded(seq: Sequence) -> list:
+    """``seq`` filled up to ``MAX_GROUP`` with its first item: the kernels always take three of each."""
+    return list(seq) + [seq[0]] * (MAX_GROUP - len(seq))
+
+
+def check_group(weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+                biases: Sequence[Optional[torch.Tensor]]) -> None:
+    """Raise ``ValueError`` unless these are 1-3 weights of one shape, each with a scale, and a bias for
+    every weight or for none."""
+    if not 0 < len(weights) <= MAX_GROUP or len(scales) != len(weights):
+        raise ValueError(f"int8_gemv_many takes 1 to {MAX_GROUP} weights with one scale each")
+    if len(biases) != len(weights) or len({b is None for b in biases}) > 1:
+        raise ValueError("int8_gemv_many: give a bias for every weight or for none")
+    for w in weights[1:]:
+        if w.shape != weights[0].shape:
+            raise ValueError(f"int8_gemv: grouped weights must share one shape, got {tuple(weights[0].shape)} "
+                             f"and {tuple(w.shape)}")
+
+
+def check_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> None:
+    if residual.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"int8_gemv_add: residual shape {tuple(residual.shape)} does not match the output "
+                         f"{(*x.shape[:-1], weight.shape[0])}")
+
+
 def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
             biases: Sequence[Optional[torch.Tensor]], tiles, epilogue: int = 0,
             residual: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     kernel, cdiv = _kernel()
+    check_group(weights, scales, biases)
     n, k = weights[0].shape
-    for w in weights[1:]:
-        if w.shape != (n, k):
-            raise ValueError(f"int8_gemv: grouped weights must share one shape, got {tuple(weights[0].shape)} "
-                             f"and {tuple(w.shape)}")
     x2 = _rows(x, k)
     m = x2.shape[0]
     gated = epilogue == GATED
@@ -167,10 +189,7 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
     s = [t.contiguous() for t in scales]
     b = [t.to(x.dtype).contiguous() for t in biases] if has_bias else s  # placeholders when absent
     r = x2 if residual is None else residual.reshape(m, n).contiguous()
-
-    def pad(seq):  # the kernel always takes three of each
-        return list(seq) + [seq[0]] * (MAX_GROUP - len(seq))
-
+    pad = padded
     grid = (cdiv(n, block_n) * (1 if gated else len(weights)),)
     launch(kernel, grid, x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, m, n, k, GROUP=len(weights),
            HAS_BIAS=has_bias, EVEN=n % block_n == 0 and k % block_k == 0, PRMT=widen_by_permute(), EPILOGUE=epilogue,
@@ -197,11 +216,7 @@ def int8_gemv_many(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Seq
 
     >>> # on a GPU: q, k, v = int8_gemv_many(x, [wq, wk, wv], [sq, sk, sv])
     """
-    if not 0 < len(weights) <= MAX_GROUP or len(scales) != len(weights):
-        raise ValueError(f"int8_gemv_many takes 1 to {MAX_GROUP} weights with one scale each")
     biases = list(biases) if biases is not None else [None] * len(weights)
-    if len(biases) != len(weights) or len({b is None for b in biases}) > 1:
-        raise ValueError("int8_gemv_many: give a bias for every weight or for none")
     return _launch(x, list(weights), list(scales), biases, tiles)
 
 
@@ -223,7 +238,5 @@ def int8_gemv_add(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bi
                   residual: torch.Tensor) -> torch.Tensor:
     """``residual + int8_gemv(x, weight, scale, bias)`` in one launch (the output rounded to fp16 before
     the add, as the two torch ops round)."""
-    if residual.shape != (*x.shape[:-1], weight.shape[0]):
-        raise ValueError(f"int8_gemv_add: residual shape {tuple(residual.shape)} does not match the output "
-                         f"{(*x.shape[:-1], weight.shape[0])}")
+    check_residual(x, weight, residual)
     return _launch(x, [weight], [scale], [bias], None, ADD, residual.to(x.dtype))[0]

@@ -3,18 +3,27 @@
 The portable path dequantizes the int8 weight to fp16 in memory (one kernel) before cuBLAS runs,
 so it moves five bytes per weight. Here the int8 tiles are widened in registers and the row scale
 is applied to the fp32 accumulator, so the weight is read once. 1-4 rows (decode) go to the GEMV
-in ``triton_gemv`` (no tensor cores); 5 to ``MAX_ROWS`` rows to the ``tl.dot`` kernel below;
-larger inputs are compute-bound, where the portable path's cuBLAS GEMM wins.
+in ``triton_gemv`` (no tensor cores); 5 to ``MAX_ROWS`` rows (batched decode, the server's steps) to
+the split-K ``tl.dot`` kernels of ``matmul_kernels``; larger inputs are compute-bound, where the
+portable path's cuBLAS GEMM wins.
+
+A program per tile of outputs over the whole of K kept too few bytes in flight: at 32 rows CPM-2's
+weights streamed at 24-30% of HBM read on an H200, and tile sweeps moved that by under 10%
+(h200_run8_int8_matmul_sweep.log). Splitting K over more programs, whose fp32 partial sums a second
+kernel adds up before the epilogue, took 4096x4096 from 16.2 to 12.5 us, 10240x4096 from 32.8 to
+22.7 and 4096x10240 from 36.3 to 22.3 (h200_run51_splitk.log; the splits alone 10.6/20.2/19.7 us,
+37-50%). Loading the tiles through TMA descriptors instead gained 1-5% (h200_run52_splitk_tma.log),
+not enough for a second code path.
 """
 import contextlib
 import contextvars
 import functools
 import os
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import triton_gemv
+from . import dependent_launch, triton_gemv
 from .compile_ahead import launch
 
 MAX_ROWS = 64
@@ -58,33 +67,10 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel():
-    # built on first use: importing triton costs time, and CPU-only installs lack it
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def int8_matmul(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # x (M, K), w (N, K) int8, s (N,), b (N,), y (M, N); all contiguous
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            # (BLOCK_K, BLOCK_N) tile of w^T, widened to x's dtype in registers (int8 values are exact)
-            w = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
-            acc += tl.dot(x, w.to(x.dtype))
-        acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-    return int8_matmul, triton.cdiv
+def _kernels():
+    # imported on first use: importing triton costs time, and CPU-only installs may lack it
+    from . import matmul_kernels
+    return matmul_kernels.int8_matmul_split, matmul_kernels.int8_matmul_epilogue, matmul_kernels.triton.cdiv
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,15 +110,6 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return y
 
 
-def _block_n(n: int, device: torch.device) -> int:
-    """The widest tile of output rows that still gives every multiprocessor a program: decode is a
-    stream over the weight, and idle multiprocessors are idle memory bandwidth."""
-    for block in (128, 64):
-        if n // block >= triton_gemv.multiprocessors(device):
-            return block
-    return 32
-
-
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
     # fp16 only: bf16 has not been checked on a GPU yet
@@ -142,21 +119,100 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.is_cuda and weight.is_contiguous() and weight.numel() < 2**31 and available())
 
 
+def matmul_config(m: int, n: int, k: int, programs_per_row_tile: int, device: torch.device,
+                  block_k: Optional[int] = None) -> Tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)`` for an (m, k) x (n, k)^T problem whose weights give
+    ``programs_per_row_tile`` tiles of BLOCK_N outputs per tile of BLOCK_M rows.
+
+    K is split until there are about five programs per multiprocessor: a program has a few tiles in
+    flight, and more programs are more bytes in flight, as a weight streamed once needs. On CPM-2's
+    shapes at 8-32 rows (H200, h200_run51_splitk.log) these tiles and splits were within 4% of the
+    best in a sweep, and with the sums' kernel 22-39% faster than one program per output tile over
+    the whole of K.
+    """
+    block_m, block_n, bk = (16, 32, 256) if m <= 16 else (32, 64, 128) if m <= 32 else (64, 64, 128)
+    block_k = block_k or bk
+    programs = programs_per_row_tile * -(-n // block_n) * -(-m // block_m)
+    split = 1
+    # each split at least four K tiles: its partial sums (4 * m bytes per output) stay a small part
+    # of what it reads (k_split bytes of weight per output)
+    while split < 16 and programs * split * 2 <= 5 * triton_gemv.multiprocessors(device) and \
+            k >= 2 * split * 4 * block_k:
+        split *= 2
+    return block_m, block_n, block_k, split
+
+
+def _matmul(x2: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+            biases: Sequence[Optional[torch.Tensor]], epilogue: int = triton_gemv.PLAIN,
+            residual: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> List[torch.Tensor]:
+    """``int8_linear`` of (m, k) rows by 1-3 weights of one shape, with ``triton_gemv``'s epilogues: one
+    launch sums stretches of K for every weight into fp32 partials, a second adds them up, scales,
+    adds the bias and applies the epilogue."""
+    split_kernel, epilogue_kernel, cdiv = _kernels()
+    n, k = weights[0].shape
+    m = x2.shape[0]
+    gated = epilogue == triton_gemv.GATED
+    block_m, block_n, block_k, split = matmul_config(m, n, k, len(weights), x2.device, block_k)
+    k_split = cdiv(cdiv(k, split), block_k) * block_k  # each split a whole number of K tiles
+    split = cdiv(k, k_split)
+    partials = torch.empty(len(weights), split, m, n, dtype=torch.float32, device=x2.device)
+    pdl = dependent_launch.options(x2.device)
+    pad = triton_gemv.padded
+    launch(split_kernel, (cdiv(n, block_n) * len(weights), split, cdiv(m, block_m)), x2, *pad(weights), partials,
+           m, n, k, k_split, GROUP=len(weights), SPLIT=split, EVEN=n % block_n == 0 and k == split * k_split,
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3, **pdl)
+    outs = [torch.empty(m, n, dtype=x2.dtype, device=x2.device) for _ in weights[:1 if gated else None]]
+    has_bias = biases[0] is not None
+    s = [t.contiguous() for t in scales]
+    b = [t.to(x2.dtype).contiguous() for t in biases] if has_bias else s  # placeholders when absent
+    r = x2 if residual is None else residual.reshape(m, n).contiguous()
+    launch(epilogue_kernel, (cdiv(n, 64) * len(outs), cdiv(m, 16)), partials, *pad(s), *pad(b), *pad(outs), r,
+           m, n, GROUP=len(weights), SPLIT=split, HAS_BIAS=has_bias, EPILOGUE=epilogue, BLOCK_M=16, BLOCK_N=64,
+           num_warps=4, **pdl)
+    return outs
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> torch.Tensor:
-    n, k = weight.shape
+    """``x @ (weight * scale[:, None]).T + bias`` for up to ``MAX_ROWS`` rows (any leading shape): the
+    GEMV for 1-4 rows, the split-K matmul for more (or whenever ``block_k`` picks its K tile)."""
+    return int8_linear_many(x, [weight], [scale], [bias], block_k=block_k)[0]
+
+
+def int8_linear_many(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+                     biases: Optional[Sequence[Optional[torch.Tensor]]] = None, epilogue: int = triton_gemv.PLAIN,
+                     residual: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> List[torch.Tensor]:
+    """``triton_gemv``'s grouped linears and epilogues (``int8_gemv_many``, ``_gated``, ``_gelu``, ``_add``)
+    for any row count up to ``MAX_ROWS``: 1-4 rows take the GEMV, more the split-K matmul.
+
+    >>> # on a GPU: q, k, v = int8_linear_many(x_fp16[40, 4096], [wq, wk, wv], [sq, sk, sv])
+    """
+    n, k = weights[0].shape
+    biases = list(biases) if biases is not None else [None] * len(weights)
     if block_k is None and x.numel() // k <= triton_gemv.MAX_ROWS:
-        return triton_gemv.int8_gemv(x, weight, scale, bias)  # decode: no tensor cores, the weight streamed
-    kernel, cdiv = _kernel()
+        return triton_gemv._launch(x, list(weights), list(scales), biases, None, epilogue, residual)
+    triton_gemv.check_group(weights, scales, biases)
     x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)  # tl.dot needs at least 16 rows
-    block_n = _block_n(n, x.device)
-    # narrow tiles get longer strips of K, so that each program keeps enough bytes in flight
-    # (64 rows x 512 of fp16 x plus the int8 tile, 3 stages, overflows shared memory: cap K there)
-    block_k = block_k or (128 if block_n == 128 else 256 if block_n == 64 or block_m == 64 else 512)
-    b = bias.to(x.dtype).contiguous() if bias is not None else scale  # a placeholder pointer when absent
-    launch(kernel, (cdiv(n, block_n), cdiv(m, block_m)), x2, weight, scale.contiguous(), b, y, m, n, k,
-           HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
-    return y.reshape(*x.shape[:-1], n)
+    if not 0 < x2.shape[0] <= MAX_ROWS:
+        raise ValueError(f"int8_linear takes 1 to {MAX_ROWS} rows, got {x2.shape[0]}")
+    outs = _matmul(x2, weights, scales, biases, epilogue, residual, block_k)
+    return [y.reshape(*x.shape[:-1], n) for y in outs]
+
+
+def int8_linear_gelu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``triton_gemv.int8_gemv_gelu`` for up to ``MAX_ROWS`` rows."""
+    return int8_linear_many(x, [weight], [scale], [bias], triton_gemv.GELU)[0]
+
+
+def int8_linear_gated(x: torch.Tensor, weight_in: torch.Tensor, scale_in: torch.Tensor, weight_gated: torch.Tensor,
+                      scale_gated: torch.Tensor) -> torch.Tensor:
+    """``triton_gemv.int8_gemv_gated`` for up to ``MAX_ROWS`` rows."""
+    return int8_linear_many(x, [weight_in, weight_gated], [scale_in, scale_gated], [None, None], triton_gemv.GATED)[0]
+
+
+def int8_linear_add(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    residual: torch.Tensor) -> torch.Tensor:
+    """``triton_gemv.int8_gemv_add`` for up to ``MAX_ROWS`` rows."""
+    triton_gemv.check_residual(x, weight, residual)
+    return int8_linear_many(x, [weight], [scale], [bias], triton_gemv.ADD, residual.to(x.dtype))[0]
