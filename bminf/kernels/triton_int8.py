@@ -2,8 +2,8 @@
 
 The portable path dequantizes the int8 weight to fp16 in memory (one kernel) before cuBLAS runs,
 so it moves five bytes per weight. Here the int8 tiles are widened in registers and the row scale
-is applied to the fp32 accumulator, so the weight is read once. 1-4 rows (decode) go to the GEMV
-in ``triton_gemv`` (no tensor cores); 5 to ``MAX_ROWS`` rows (batched decode, the server's steps) to
+is applied to the fp32 accumulator, so the weight is read once. 1-2 rows (decode) go to the GEMV
+in ``triton_gemv`` (no tensor cores); 3 to ``MAX_ROWS`` rows (batched decode, the server's steps) to
 the split-K ``tl.dot`` kernels of ``matmul_kernels``; larger inputs are compute-bound, where the
 portable path's cuBLAS GEMM wins.
 
@@ -14,6 +14,12 @@ kernel adds up before the epilogue, took 4096x4096 from 16.2 to 12.5 us, 10240x4
 22.7 and 4096x10240 from 36.3 to 22.3 (h200_run51_splitk.log; the splits alone 10.6/20.2/19.7 us,
 37-50%). Loading the tiles through TMA descriptors instead gained 1-5% (h200_run52_splitk_tma.log),
 not enough for a second code path.
+
+The split-K matmul takes about the same time for 1 to 32 rows, so it replaced the GEMV from 3 rows
+on: at 3-4 rows the GEMV took 1.4-1.7x as long on CPM-2's shapes; at 2 rows each was faster on some
+shapes; at 1 row the GEMV is 1.5-2x faster (h200_run57_gemv_rows.log). Decoding 4 rows went from 809
+to 1284 tokens/s for CPM-2, 1770 to 2301 for EVA and 1073 to 1881 for CPM-1; at 2 rows the GEMV gave
+CPM-2 666 against 653 and EVA 1486 against 1377, CPM-1 919 against 1024 (the same run).
 """
 import contextlib
 import contextvars
@@ -27,6 +33,7 @@ from . import dependent_launch, triton_gemv
 from .compile_ahead import launch
 
 MAX_ROWS = 64
+GEMV_ROWS = 2  # up to this many rows take the GEMV (it can take 4), more the split-K matmul: see above
 # Each launch of a Triton kernel costs tens of microseconds of Python on the host, more than the
 # few eager kernels of the portable path; below this many weight elements the GPU time it saves
 # does not pay for that. BMINF_TRITON_MIN_NUMEL overrides it (0: always; a huge number: never).
@@ -175,7 +182,7 @@ def _matmul(x2: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> torch.Tensor:
     """``x @ (weight * scale[:, None]).T + bias`` for up to ``MAX_ROWS`` rows (any leading shape): the
-    GEMV for 1-4 rows, the split-K matmul for more (or whenever ``block_k`` picks its K tile)."""
+    GEMV for 1-2 rows, the split-K matmul for more (or whenever ``block_k`` picks its K tile)."""
     return int8_linear_many(x, [weight], [scale], [bias], block_k=block_k)[0]
 
 
@@ -183,13 +190,13 @@ def int8_linear_many(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: S
                      biases: Optional[Sequence[Optional[torch.Tensor]]] = None, epilogue: int = triton_gemv.PLAIN,
                      residual: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> List[torch.Tensor]:
     """``triton_gemv``'s grouped linears and epilogues (``int8_gemv_many``, ``_gated``, ``_gelu``, ``_add``)
-    for any row count up to ``MAX_ROWS``: 1-4 rows take the GEMV, more the split-K matmul.
+    for any row count up to ``MAX_ROWS``: 1-2 rows (``GEMV_ROWS``) take the GEMV, more the split-K matmul.
 
     >>> # on a GPU: q, k, v = int8_linear_many(x_fp16[40, 4096], [wq, wk, wv], [sq, sk, sv])
     """
     n, k = weights[0].shape
     biases = list(biases) if biases is not None else [None] * len(weights)
-    if block_k is None and x.numel() // k <= triton_gemv.MAX_ROWS:
+    if block_k is None and x.numel() // k <= GEMV_ROWS:
         return triton_gemv._launch(x, list(weights), list(scales), biases, None, epilogue, residual)
     triton_gemv.check_group(weights, scales, biases)
     x2 = x.reshape(-1, k).contiguous()
