@@ -5,7 +5,8 @@
 
 For each weight shape of a CPM-2 block it times, on one GPU, ``x @ W.T`` for a (rows, in) fp16 ``x``:
 fp16 ``F.linear`` (the resident fp16 baseline), the portable int8 path (dequantize, then cuBLAS) and
-the Triton int8 kernel, and prints the weight bytes read per second against the HBM read ceiling
+the Triton int8 kernel (for 1-4 rows also the GEMV and the split-K matmul each, between which it
+chooses by the row count), and prints the weight bytes read per second against the HBM read ceiling
 measured in the same run (``torch.sum`` over 2 GiB). For 1-4 rows it also times the launches that do
 more than one linear: attention's q/k/v in one launch, and T5's two feed-forward inputs in one
 launch (then the GELU and the product), against separate launches; and the kernel with an epilogue
@@ -135,6 +136,10 @@ def main():
                     **{f"int8 triton K{bk}": (bench(lambda i: triton_int8.int8_linear(x, qs[i], s, block_k=bk),
                                                     len(qs)), 1) for bk in args.block_k},
                 }
+                if rows <= triton_gemv.MAX_ROWS:  # "int8 triton" picks one of these by the row count
+                    times["int8 gemv"] = (bench(lambda i: triton_gemv.int8_gemv(x, qs[i], s), len(qs)), 1)
+                    times["int8 split-K"] = (bench(lambda i: triton_int8._matmul(x, [qs[i]], [s], [None])[0],
+                                                   len(qs)), 1)
                 if args.sweep and rows <= triton_gemv.MAX_ROWS:
                     us, tiles = sweep(x, qs, s)
                     times[f"int8 gemv best {tiles}"] = (us, 1)
