@@ -93,6 +93,26 @@ def test_triton_path_gives_input_and_bias_gradients(monkeypatch):
     assert torch.allclose(bias.grad.double(), b_ref.grad, rtol=2e-2, atol=2e-2 * float(b_ref.grad.abs().max()))
 
 
+def test_matmul_config_splits_k_into_enough_programs(monkeypatch):
+    # the split-K matmul's tiles and splits on a 132-multiprocessor GPU (an H200): the splits measured
+    # best on CPM-2's shapes (h200_run51_splitk.log), and the rule's bounds everywhere
+    from bminf.kernels import triton_gemv
+    monkeypatch.setattr(triton_gemv, "multiprocessors", lambda device: 132)
+    gpu = torch.device("cuda")
+    assert triton_int8.matmul_config(32, 10240, 4096, 1, gpu) == (32, 64, 128, 4)
+    assert triton_int8.matmul_config(16, 4096, 4096, 1, gpu) == (16, 32, 256, 4)
+    assert triton_int8.matmul_config(16, 10240, 4096, 1, gpu) == (16, 32, 256, 2)
+    for m in (3, 16, 17, 32, 33, 64):
+        for n, k in [(4096, 4096), (10240, 4096), (4096, 10240), (2048, 2048), (96, 130)]:
+            for group in (1, 2, 3):
+                block_m, block_n, block_k, split = triton_int8.matmul_config(m, n, k, group, gpu)
+                assert block_m >= m and split in (1, 2, 4, 8, 16)  # one tile of rows
+                programs = group * -(-n // block_n) * -(-m // block_m)
+                if split > 1:  # split only while programs stay within five per multiprocessor,
+                    assert programs * split <= 5 * 132  # each split at least four K tiles
+                    assert k // split >= 4 * block_k
+
+
 def test_portable_path_is_used_off_gpu():
     q, s = quantize_weight(torch.randn(8, 16))
     x = torch.randn(2, 16)
