@@ -53,6 +53,27 @@ def fp16(a):
 
 
 @triton.jit
+def finish(out, out1, scale, scale1, bias, bias1, r_ptr, rm, rn, ok, N, HAS_BIAS: tl.constexpr,
+           EPILOGUE: tl.constexpr):
+    # (BLOCK_M, BLOCK_N) fp32 sums of x @ w.T (out1: GATED's second weight) scaled, biased and through
+    # the epilogue, ready to store: the GEMV and the split-K matmul's sums kernel both end here, so the
+    # two round alike
+    out *= scale
+    if HAS_BIAS:
+        out += bias
+    if EPILOGUE == GELU:
+        out = gelu_tanh(fp16(out))
+    if EPILOGUE == GATED:
+        out1 *= scale1
+        if HAS_BIAS:
+            out1 += bias1
+        out = fp16(gelu_tanh(fp16(out))) * fp16(out1)
+    if EPILOGUE == ADD:
+        out = fp16(out) + tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
 def load_tile(w_ptr, w1, rn, n_ok, kk, K, EVEN: tl.constexpr, TWO: tl.constexpr):
     # the int8 (BLOCK_N, BLOCK_K) tile of the weight at columns kk, and of the gated weight w1 if TWO,
     # read once: evict_first keeps it from pushing x and the activations out of L2
@@ -150,17 +171,6 @@ def int8_gemv(x_ptr, w0, w1, w2, s0, s1, s2, b0, b1, b2, y0, y1, y2, r_ptr, M, N
     else:
         out = acc
         out1 = acc1
-    out *= scale
-    if HAS_BIAS:
-        out += bias
     mn_ok = (rm[:, None] < M) & n_ok[None, :]
-    if EPILOGUE == GELU:
-        out = gelu_tanh(fp16(out))
-    if EPILOGUE == GATED:
-        out1 *= scale1
-        if HAS_BIAS:
-            out1 += bias1
-        out = fp16(gelu_tanh(fp16(out))) * fp16(out1)
-    if EPILOGUE == ADD:
-        out = fp16(out) + tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=mn_ok, other=0.0).to(tl.float32)
+    out = finish(out, out1, scale, scale1, bias, bias1, r_ptr, rm, rn, mn_ok, N, HAS_BIAS, EPILOGUE)
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y0.dtype.element_ty), mask=mn_ok)

@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from .gdc import wait_then_release
-from .gemv_kernels import ADD, GATED, GELU, fp16, gelu_tanh
+from .gemv_kernels import GATED, finish
 
 
 @triton.jit
@@ -59,9 +59,9 @@ def _summed(p_ptr, which, rm, rn, ok, M, N, SPLIT: tl.constexpr):
 def int8_matmul_epilogue(p_ptr, s0, s1, s2, b0, b1, b2, y0, y1, y2, r_ptr, M, N, GROUP: tl.constexpr,
                          SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, PDL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Sums int8_matmul_split's partials, scales, adds the bias, and applies the epilogue as the GEMV's
-    # does (gemv_kernels.int8_gemv, the same roundings): y_i = partials_i * s_i + b_i for each weight,
-    # or for GATED (GROUP 2) y0 = gelu(y_0) * y_1.
+    # Sums int8_matmul_split's partials, then scales, adds the bias and applies the epilogue as the
+    # GEMV does (gemv_kernels.finish): y_i = partials_i * s_i + b_i for each weight, or for GATED
+    # (GROUP 2) y0 = gelu(y_0) * y_1.
     blocks = tl.cdiv(N, BLOCK_N)
     pid, pid_m = tl.program_id(0), tl.program_id(1)
     which = pid // blocks
@@ -78,18 +78,14 @@ def int8_matmul_epilogue(p_ptr, s0, s1, s2, b0, b1, b2, y0, y1, y2, r_ptr, M, N,
     ok = (rm < M)[:, None] & n_ok[None, :]
     scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    wait_then_release(PDL)
-    out = _summed(p_ptr, which, rm, rn, ok, M, N, SPLIT) * scale
-    if HAS_BIAS:
-        out += bias
-    if EPILOGUE == GELU:
-        out = gelu_tanh(fp16(out))
-    if EPILOGUE == GATED:
+    scale1, bias1 = scale, bias
+    if EPILOGUE == GATED:  # the second weight's
         scale1 = tl.load(s1 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out1 = _summed(p_ptr, 1, rm, rn, ok, M, N, SPLIT) * scale1
-        if HAS_BIAS:
-            out1 += tl.load(b1 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = fp16(gelu_tanh(fp16(out))) * fp16(out1)
-    if EPILOGUE == ADD:
-        out = fp16(out) + tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+        bias1 = tl.load(b1 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    wait_then_release(PDL)
+    out = _summed(p_ptr, which, rm, rn, ok, M, N, SPLIT)
+    out1 = out
+    if EPILOGUE == GATED:
+        out1 = _summed(p_ptr, 1, rm, rn, ok, M, N, SPLIT)
+    out = finish(out, out1, scale, scale1, bias, bias1, r_ptr, rm, rn, ok, N, HAS_BIAS, EPILOGUE)
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y0.dtype.element_ty), mask=ok)
