@@ -95,19 +95,22 @@ def test_triton_path_gives_input_and_bias_gradients(monkeypatch):
 
 def test_matmul_config_splits_k_into_enough_programs(monkeypatch):
     # the split-K matmul's tiles and splits on a 132-multiprocessor GPU (an H200): the splits measured
-    # best on CPM-2's shapes (h200_run51_splitk.log), and the rule's bounds everywhere
+    # best on CPM-2's shapes (h200_run51_splitk.log, h200_run63.log), and the rule's bounds everywhere
     from bminf.kernels import triton_gemv
     monkeypatch.setattr(triton_gemv, "multiprocessors", lambda device: 132)
     gpu = torch.device("cuda")
     assert triton_int8.matmul_config(32, 10240, 4096, 1, gpu) == (32, 64, 128, 4)
     assert triton_int8.matmul_config(16, 4096, 4096, 1, gpu) == (16, 32, 256, 4)
     assert triton_int8.matmul_config(16, 10240, 4096, 1, gpu) == (16, 32, 256, 2)
+    assert triton_int8.matmul_config(64, 4096, 4096, 3, gpu) == (32, 128, 128, 2)  # h200_run63.log
+    assert triton_int8.matmul_config(64, 4096, 10240, 1, gpu) == (32, 128, 128, 8)
     for m in (3, 16, 17, 32, 33, 64):
         for n, k in [(4096, 4096), (10240, 4096), (4096, 10240), (2048, 2048), (96, 130)]:
             for group in (1, 2, 3):
                 block_m, block_n, block_k, split = triton_int8.matmul_config(m, n, k, group, gpu)
-                assert block_m >= m and split in (1, 2, 4, 8, 16)  # one tile of rows
-                programs = group * -(-n // block_n) * -(-m // block_m)
+                row_tiles = -(-m // block_m)
+                assert row_tiles == (1 if m <= 32 else 2) and split in (1, 2, 4, 8, 16)
+                programs = group * -(-n // block_n) * row_tiles
                 if split > 1:  # split only while programs stay within five per multiprocessor,
                     assert programs * split <= 5 * 132  # each split at least four K tiles
                     assert k // split >= 4 * block_k
@@ -242,6 +245,12 @@ for m, n, k in [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030), (5, 70,
             assert y.shape == (m, n) and y.dtype == torch.float16
             ref = F.linear(x.double(), q.double() * s.double()[:, None], None if b is None else b.double())
             worst["many"] = max(worst["many"], err(y, ref))
+        # each tile's last program to finish adds its splits' sums: the counts are back at zero after a
+        # launch, so the next one finishes every tile again, with the same numbers
+        again = triton_int8.int8_linear_many(x.to(dev), [q.to(dev) for q, _ in ws], [s.to(dev) for _, s in ws],
+                                             None if bias is None else [b.to(dev) for b in bias])
+        assert all(torch.equal(a, b) for a, b in zip(ys, again)), "a second launch differs"
+assert all(int(t.abs().sum()) == 0 for t in triton_int8._TICKETS.values()), "a tile's count was left set"
 for d in (96, 1000, 4096):
     x = (torch.randn(5, d) * 100).half()
     h = (torch.randn(5, d) * 100).half()

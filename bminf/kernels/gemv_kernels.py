@@ -23,6 +23,28 @@ sub.f32 $3, $3, 0f4B000080;
 }""")
 
 
+# int8 -> fp16 the same way for tl.dot's operands: v + 128 under the exponent of 1024 (the half 1024 + u,
+# exact: fp16 holds every integer up to 2048), then one subtraction of 1024 + 128 for two halves at once
+WIDEN16_PRMT = tl.constexpr("""{
+.reg .b32 t, c;
+xor.b32 t, $2, 0x80808080;
+mov.b32 c, 0x64806480;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
+
+
+@triton.jit
+def widen16(w, PRMT: tl.constexpr):
+    """int8 -> fp16, exact either way: a conversion instruction per value, or byte permutes."""
+    if PRMT:
+        return tl.inline_asm_elementwise(WIDEN16_PRMT, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return w.to(tl.float16)
+
+
 @triton.jit
 def widen(w, PRMT: tl.constexpr):
     """int8 -> fp32, exact either way: through fp16 with conversion instructions, or by byte permutes."""
@@ -56,7 +78,7 @@ def fp16(a):
 def finish(out, out1, scale, scale1, bias, bias1, r_ptr, rm, rn, ok, N, HAS_BIAS: tl.constexpr,
            EPILOGUE: tl.constexpr):
     # (BLOCK_M, BLOCK_N) fp32 sums of x @ w.T (out1: GATED's second weight) scaled, biased and through
-    # the epilogue, ready to store: the GEMV and the split-K matmul's sums kernel both end here, so the
+    # the epilogue, ready to store: the GEMV and the split-K matmul both end here, so the
     # two round alike
     out *= scale
     if HAS_BIAS:

@@ -1,5 +1,5 @@
 """Weight-only int8 GEMV for decode in Triton: ``y = x @ (weight * scale[:, None]).T + bias`` for 1-4 rows
-(``triton_int8`` sends it 1-2: from 3 rows on its split-K matmul is faster).
+(``triton_int8`` sends it one: from 2 rows on its split-K matmul is faster).
 
 A decode step multiplies one row (or a few) by every weight of the model once, so its speed is how
 fast the int8 weight streams out of memory. ``tl.dot`` pads a single row to 16 and uses tensor cores

@@ -2,24 +2,33 @@
 
 The portable path dequantizes the int8 weight to fp16 in memory (one kernel) before cuBLAS runs,
 so it moves five bytes per weight. Here the int8 tiles are widened in registers and the row scale
-is applied to the fp32 accumulator, so the weight is read once. 1-2 rows (decode) go to the GEMV
-in ``triton_gemv`` (no tensor cores); 3 to ``MAX_ROWS`` rows (batched decode, the server's steps) to
-the split-K ``tl.dot`` kernels of ``matmul_kernels``; larger inputs are compute-bound, where the
+is applied to the fp32 accumulator, so the weight is read once. One row (decode) goes to the GEMV
+in ``triton_gemv`` (no tensor cores); 2 to ``MAX_ROWS`` rows (batched decode, the server's steps) to
+the split-K ``tl.dot`` kernel of ``matmul_kernels``; larger inputs are compute-bound, where the
 portable path's cuBLAS GEMM wins.
 
 A program per tile of outputs over the whole of K kept too few bytes in flight: at 32 rows CPM-2's
 weights streamed at 24-30% of HBM read on an H200, and tile sweeps moved that by under 10%
 (h200_run8_int8_matmul_sweep.log). Splitting K over more programs, whose fp32 partial sums a second
-kernel adds up before the epilogue, took 4096x4096 from 16.2 to 12.5 us, 10240x4096 from 32.8 to
-22.7 and 4096x10240 from 36.3 to 22.3 (h200_run51_splitk.log; the splits alone 10.6/20.2/19.7 us,
-37-50%). Loading the tiles through TMA descriptors instead gained 1-5% (h200_run52_splitk_tma.log),
-not enough for a second code path.
+kernel added up before the epilogue, took 4096x4096 from 16.2 to 12.5 us, 10240x4096 from 32.8 to
+22.7 and 4096x10240 from 36.3 to 22.3 (h200_run51_splitk.log). Loading the tiles through TMA
+descriptors instead gained 1-5% (h200_run52_splitk_tma.log), not enough for a second code path.
 
-The split-K matmul takes about the same time for 1 to 32 rows, so it replaced the GEMV from 3 rows
-on: at 3-4 rows the GEMV took 1.4-1.7x as long on CPM-2's shapes; at 2 rows each was faster on some
-shapes; at 1 row the GEMV is 1.5-2x faster (h200_run57_gemv_rows.log). Decoding 4 rows went from 809
-to 1284 tokens/s for CPM-2, 1770 to 2301 for EVA and 1073 to 1881 for CPM-1; at 2 rows the GEMV gave
-CPM-2 666 against 653 and EVA 1486 against 1377, CPM-1 919 against 1024 (the same run).
+Two changes then made it one launch reading 45-75% of HBM bandwidth on CPM-2's shapes at 2-16 rows
+(35-55% at 32; h200_run62.log):
+- The int8 tile is widened to fp16 by byte permutes (``gemv_kernels.widen16``), not one conversion
+  instruction per value, which runs at a quarter of the FMA rate and held the kernel near the rate
+  at which it converts: CPM-2's q/k/v at 16 rows 16.8 us against 21.2, the gated feed-forward input
+  25.7 against 33.5, its output 15.3 against 19.6.
+- The last program of each output tile to finish adds the splits' sums and applies the epilogue
+  (counted with an atomic per tile, ``tickets``), where a second kernel did: 21.2 against 23.3 us
+  for q/k/v, 33.5 against 34.6 for the feed-forward input.
+
+The GEMV is still faster for one row (CPM-2's attention output, q/k/v, feed-forward input and output
+6.6 / 14.9 / 25.8 / 13.2 us against 8.5 / 16.7 / 26.0 / 15.2); from 2 rows the split-K matmul is
+(8.6 / 16.7 / 26.1 / 15.4 against 10.6 / 25.2 / 33.4 / 21.8; the same run). Decoding 2 rows went
+from 665 to 791 tokens/s for CPM-2 and from 916 to 1191 for CPM-1, while EVA stayed level (1481 and
+1449; h200_run62.log against h200_run63.log).
 """
 import contextlib
 import contextvars
@@ -33,7 +42,7 @@ from . import dependent_launch, triton_gemv
 from .compile_ahead import launch
 
 MAX_ROWS = 64
-GEMV_ROWS = 2  # up to this many rows take the GEMV (it can take 4), more the split-K matmul: see above
+GEMV_ROWS = 1  # up to this many rows take the GEMV (it can take 4), more the split-K matmul: see above
 # Each launch of a Triton kernel costs tens of microseconds of Python on the host, more than the
 # few eager kernels of the portable path; below this many weight elements the GPU time it saves
 # does not pay for that. BMINF_TRITON_MIN_NUMEL overrides it (0: always; a huge number: never).
@@ -77,7 +86,26 @@ def available() -> bool:
 def _kernels():
     # imported on first use: importing triton costs time, and CPU-only installs may lack it
     from . import matmul_kernels
-    return matmul_kernels.int8_matmul_split, matmul_kernels.int8_matmul_epilogue, matmul_kernels.triton.cdiv
+    return matmul_kernels.int8_matmul, matmul_kernels.triton.cdiv
+
+
+_TICKETS = {}  # (device, stream) -> int32 counts, zero between launches
+_RETIRED = []  # outgrown counts: a CUDA graph may still hold their address
+
+
+def tickets(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters for ``int8_matmul``'s tiles: one set per stream, so that launches running
+    side by side on two streams never share a count (on one stream they follow each other, and each
+    leaves its counts at zero). Made inside a CUDA graph's capture, the graph zeroes them too: one
+    memset more in that graph, the same numbers."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _TICKETS.get(key)
+    if have is None or have.numel() < count:
+        if have is not None:
+            _RETIRED.append(have)
+        have = _TICKETS[key] = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
+    return have
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,10 +162,12 @@ def matmul_config(m: int, n: int, k: int, programs_per_row_tile: int, device: to
     K is split until there are about five programs per multiprocessor: a program has a few tiles in
     flight, and more programs are more bytes in flight, as a weight streamed once needs. On CPM-2's
     shapes at 8-32 rows (H200, h200_run51_splitk.log) these tiles and splits were within 4% of the
-    best in a sweep, and with the sums' kernel 22-39% faster than one program per output tile over
-    the whole of K.
+    best in a sweep, and 22-39% faster than one program per output tile over the whole of K; at 32
+    rows they were still the best with the sums in the kernel and fp16 widened by permutes
+    (h200_run63.log). Over 32 rows two tiles of 32 rows beat one of 64: 32.0 against 41.3 us for
+    CPM-2's q/k/v at 64 rows, 31.9 against 33.4 for its feed-forward output (the same run).
     """
-    block_m, block_n, bk = (16, 32, 256) if m <= 16 else (32, 64, 128) if m <= 32 else (64, 64, 128)
+    block_m, block_n, bk = (16, 32, 256) if m <= 16 else (32, 64, 128) if m <= 32 else (32, 128, 128)
     block_k = block_k or bk
     programs = programs_per_row_tile * -(-n // block_n) * -(-m // block_m)
     split = 1
@@ -152,10 +182,10 @@ def matmul_config(m: int, n: int, k: int, programs_per_row_tile: int, device: to
 def _matmul(x2: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
             biases: Sequence[Optional[torch.Tensor]], epilogue: int = triton_gemv.PLAIN,
             residual: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> List[torch.Tensor]:
-    """``int8_linear`` of (m, k) rows by 1-3 weights of one shape, with ``triton_gemv``'s epilogues: one
-    launch sums stretches of K for every weight into fp32 partials, a second adds them up, scales,
-    adds the bias and applies the epilogue."""
-    split_kernel, epilogue_kernel, cdiv = _kernels()
+    """``int8_linear`` of (m, k) rows by 1-3 weights of one shape, with ``triton_gemv``'s epilogues, in
+    one launch: programs sum stretches of K for every weight into fp32 partials, and the last of each
+    tile adds them up, scales, adds the bias and applies the epilogue."""
+    kernel, cdiv = _kernels()
     n, k = weights[0].shape
     m = x2.shape[0]
     gated = epilogue == triton_gemv.GATED
@@ -163,26 +193,25 @@ def _matmul(x2: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[
     k_split = cdiv(cdiv(k, split), block_k) * block_k  # each split a whole number of K tiles
     split = cdiv(k, k_split)
     partials = torch.empty(len(weights), split, m, n, dtype=torch.float32, device=x2.device)
-    pdl = dependent_launch.options(x2.device)
-    pad = triton_gemv.padded
-    launch(split_kernel, (cdiv(n, block_n) * len(weights), split, cdiv(m, block_m)), x2, *pad(weights), partials,
-           m, n, k, k_split, GROUP=len(weights), SPLIT=split, EVEN=n % block_n == 0 and k == split * k_split,
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3, **pdl)
     outs = [torch.empty(m, n, dtype=x2.dtype, device=x2.device) for _ in weights[:1 if gated else None]]
     has_bias = biases[0] is not None
     s = [t.contiguous() for t in scales]
     b = [t.to(x2.dtype).contiguous() for t in biases] if has_bias else s  # placeholders when absent
     r = x2 if residual is None else residual.reshape(m, n).contiguous()
-    launch(epilogue_kernel, (cdiv(n, 64) * len(outs), cdiv(m, 16)), partials, *pad(s), *pad(b), *pad(outs), r,
-           m, n, GROUP=len(weights), SPLIT=split, HAS_BIAS=has_bias, EPILOGUE=epilogue, BLOCK_M=16, BLOCK_N=64,
-           num_warps=4, **pdl)
+    grid = (cdiv(n, block_n) * len(weights), split, cdiv(m, block_m))
+    pad = triton_gemv.padded
+    launch(kernel, grid, x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, partials,
+           tickets(x2.device, grid[0] * grid[2]), m, n, k, k_split, GROUP=len(weights), SPLIT=split,
+           EVEN=n % block_n == 0 and k == split * k_split, PRMT=triton_gemv.widen_by_permute(), HAS_BIAS=has_bias,
+           EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+           **dependent_launch.options(x2.device))
     return outs
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> torch.Tensor:
     """``x @ (weight * scale[:, None]).T + bias`` for up to ``MAX_ROWS`` rows (any leading shape): the
-    GEMV for 1-2 rows, the split-K matmul for more (or whenever ``block_k`` picks its K tile)."""
+    GEMV for one row, the split-K matmul for more (or whenever ``block_k`` picks its K tile)."""
     return int8_linear_many(x, [weight], [scale], [bias], block_k=block_k)[0]
 
 
@@ -190,7 +219,7 @@ def int8_linear_many(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: S
                      biases: Optional[Sequence[Optional[torch.Tensor]]] = None, epilogue: int = triton_gemv.PLAIN,
                      residual: Optional[torch.Tensor] = None, block_k: Optional[int] = None) -> List[torch.Tensor]:
     """``triton_gemv``'s grouped linears and epilogues (``int8_gemv_many``, ``_gated``, ``_gelu``, ``_add``)
-    for any row count up to ``MAX_ROWS``: 1-2 rows (``GEMV_ROWS``) take the GEMV, more the split-K matmul.
+    for any row count up to ``MAX_ROWS``: one row (``GEMV_ROWS``) takes the GEMV, more the split-K matmul.
 
     >>> # on a GPU: q, k, v = int8_linear_many(x_fp16[40, 4096], [wq, wk, wv], [sq, sk, sv])
     """
