@@ -164,8 +164,10 @@ def matmul_config(m: int, n: int, k: int, programs_per_row_tile: int, device: to
     shapes at 8-32 rows (H200, h200_run51_splitk.log) these tiles and splits were within 4% of the
     best in a sweep, and 22-39% faster than one program per output tile over the whole of K; at 32
     rows they were still the best with the sums in the kernel and fp16 widened by permutes
-    (h200_run63.log). Over 32 rows two tiles of 32 rows beat one of 64: 32.0 against 41.3 us for
-    CPM-2's q/k/v at 64 rows, 31.9 against 33.4 for its feed-forward output (the same run).
+    (h200_run63.log), and at 8-32 rows within 2% of the best of a sweep that tried 16-row tiles
+    too, but for T5's gated input at 32 rows (33.4 us with 256-wide K tiles against 36.6;
+    h200_run66_matmul_sweep.log). Over 32 rows two tiles of 32 rows beat one of 64: 32.0 against
+    41.3 us for CPM-2's q/k/v at 64 rows, 31.9 against 33.4 for its feed-forward output (run 63).
     """
     block_m, block_n, bk = (16, 32, 256) if m <= 16 else (32, 64, 128) if m <= 32 else (32, 128, 128)
     block_k = block_k or bk
