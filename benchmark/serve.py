@@ -114,9 +114,22 @@ def captures(log: str) -> list:
         return [float(line.rsplit(" in ", 1)[1].split()[0]) for line in f if "captured the decode step of" in line]
 
 
+def compiled_kernels() -> int:
+    """Entries in Triton's cache, which the server shares: each kernel variant compiled adds one (a
+    variant per constant, and per integer argument that is 1 or a multiple of 16, unless the kernel
+    says not to specialize on it)."""
+    try:
+        from triton.runtime.cache import default_cache_dir
+    except ImportError:
+        return 0
+    where = os.environ.get("TRITON_CACHE_DIR") or default_cache_dir()
+    return len(os.listdir(where)) if os.path.isdir(where) else 0
+
+
 def run_clients(server: Server, n: int, requests: int, body: dict, log: str) -> dict:
     """``n`` clients at once, each sending ``requests`` completions one after another; with the graph
-    captures the server logged while they ran (their wait counts in the time to first token)."""
+    captures the server logged while they ran and the kernels it compiled (their wait counts in the
+    time to first token)."""
     barrier = threading.Barrier(n + 1)
     results = [[] for _ in range(n)]
     errors = []
@@ -133,7 +146,7 @@ def run_clients(server: Server, n: int, requests: int, body: dict, log: str) -> 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    steps, before = server.health()["steps"], len(captures(log))
+    steps, before, kernels = server.health()["steps"], len(captures(log)), compiled_kernels()
     barrier.wait()
     start = time.perf_counter()
     for t in threads:
@@ -141,6 +154,7 @@ def run_clients(server: Server, n: int, requests: int, body: dict, log: str) -> 
     wall = time.perf_counter() - start
     steps = server.health()["steps"] - steps
     captured = captures(log)[before:]
+    kernels = compiled_kernels() - kernels
     if errors:
         raise RuntimeError("; ".join(errors))
     tokens = sum(r["tokens"] for rs in results for r in rs)
@@ -151,7 +165,7 @@ def run_clients(server: Server, n: int, requests: int, body: dict, log: str) -> 
                 per_client_tok_s_min=round(min(per_client), 2), ttft_mean_s=round(statistics.mean(ttfts), 3),
                 ttft_max_s=round(max(ttfts), 3), decode_steps=steps,
                 mean_batch=round(tokens / steps, 2) if steps else None,
-                graphs_captured=len(captured), capture_s=round(sum(captured), 2))
+                graphs_captured=len(captured), capture_s=round(sum(captured), 2), kernels_compiled=kernels)
 
 
 def completion_text(port: int, body: dict) -> str:
@@ -193,7 +207,7 @@ def bench_setting(version: str, device: str, limit, args, workdir: str, cuda_gra
         stream_completion(server.port, dict(body, prompt=PROMPT.format(i=-1), max_tokens=4))  # warm-up
         print(f"\n{name}: server ready in {ready:.1f} s ({json.dumps(server.health())})", flush=True)
         print(f"{'clients':>7} {'tokens':>7} {'wall s':>7} {'total tok/s':>11} {'per client':>10} "
-              f"{'TTFT mean':>9} {'TTFT max':>8} {'mean batch':>10} {'graphs captured':>15}", flush=True)
+              f"{'TTFT mean':>9} {'TTFT max':>8} {'mean batch':>10} {'graphs captured':>15} {'compiled':>8}", flush=True)
         for n in args.clients:
             if args.warm_each:  # the same load once untimed: graphs of new shapes are captured there
                 run_clients(server, n, args.requests, body, log)
@@ -202,7 +216,7 @@ def bench_setting(version: str, device: str, limit, args, workdir: str, cuda_gra
             rows.append(row)
             print(f"{n:>7} {row['tokens']:>7} {row['wall_s']:>7.2f} {row['total_tok_s']:>11.1f} "
                   f"{row['per_client_tok_s_mean']:>10.1f} {row['ttft_mean_s']:>9.3f} {row['ttft_max_s']:>8.3f} "
-                  f"{row['mean_batch'] or 0:>10.2f} {row['graphs_captured']:>4} ({row['capture_s']:.2f} s)", flush=True)
+                  f"{row['mean_batch'] or 0:>10.2f} {row['graphs_captured']:>4} ({row['capture_s']:.2f} s) {row['kernels_compiled']:>8}", flush=True)
         base = next((r["total_tok_s"] for r in rows if r["clients"] == 1), None)
         for r in rows:
             r["speedup_vs_1"] = round(r["total_tok_s"] / base, 2) if base else None
