@@ -92,8 +92,8 @@ def _table() -> Dict[Tuple[int, ...], Tuple[int, int, int, int]]:
 
 @functools.lru_cache(maxsize=None)
 def widen_by_permute() -> bool:
-    """Whether the kernel widens int8 by byte permutes (``prmt``, the default) rather than conversion
-    instructions (``BMINF_GEMV_WIDEN=cvt``); both give the same numbers."""
+    """Whether the GEMV (and ``triton_int8``'s split-K matmul) widen int8 by byte permutes (``prmt``, the
+    default) rather than conversion instructions (``BMINF_GEMV_WIDEN=cvt``); both give the same numbers."""
     value = os.environ.get("BMINF_GEMV_WIDEN", "prmt")
     if value not in ("cvt", "prmt"):
         raise ValueError(f"BMINF_GEMV_WIDEN must be 'cvt' or 'prmt', got {value!r}")
