@@ -116,6 +116,20 @@ def test_matmul_config_splits_k_into_enough_programs(monkeypatch):
                     assert k // split >= 4 * block_k
 
 
+def test_tile_counts_are_kept_per_stream_and_never_freed_while_in_use(monkeypatch):
+    # the split-K matmul's per-tile counts: one zeroed set per (device, stream), reused by every launch
+    # there; an outgrown set stays referenced, since a captured CUDA graph may still use its address
+    monkeypatch.setattr(triton_int8, "_TICKETS", {})
+    monkeypatch.setattr(triton_int8, "_RETIRED", [])
+    cpu = torch.device("cpu")
+    first = triton_int8.tickets(cpu, 8)
+    assert first.dtype == torch.int32 and first.numel() >= 8 and not first.any()
+    assert triton_int8.tickets(cpu, first.numel()) is first
+    bigger = triton_int8.tickets(cpu, first.numel() + 1)
+    assert bigger.numel() > first.numel() and not bigger.any()
+    assert triton_int8.tickets(cpu, 8) is bigger and triton_int8._RETIRED == [first]
+
+
 def test_portable_path_is_used_off_gpu():
     q, s = quantize_weight(torch.randn(8, 16))
     x = torch.randn(2, 16)
