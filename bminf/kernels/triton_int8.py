@@ -97,14 +97,16 @@ def tickets(device: torch.device, count: int) -> torch.Tensor:
     """Zeroed int32 counters for ``int8_matmul``'s tiles: one set per stream, so that launches running
     side by side on two streams never share a count (on one stream they follow each other, and each
     leaves its counts at zero). Made inside a CUDA graph's capture, the graph zeroes them too: one
-    memset more in that graph, the same numbers."""
+    memset more in that graph, the same numbers. A set is never freed (a graph may hold its address),
+    so it starts at 16 KB, for 4096 tiles (CPM-2's widest launch has 640): a program that makes a
+    stream per call keeps 16 KB per stream."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     have = _TICKETS.get(key)
     if have is None or have.numel() < count:
         if have is not None:
             _RETIRED.append(have)
-        have = _TICKETS[key] = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
+        have = _TICKETS[key] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
     return have
 
 
