@@ -207,7 +207,8 @@ def bench_setting(version: str, device: str, limit, args, workdir: str, cuda_gra
         stream_completion(server.port, dict(body, prompt=PROMPT.format(i=-1), max_tokens=4))  # warm-up
         print(f"\n{name}: server ready in {ready:.1f} s ({json.dumps(server.health())})", flush=True)
         print(f"{'clients':>7} {'tokens':>7} {'wall s':>7} {'total tok/s':>11} {'per client':>10} "
-              f"{'TTFT mean':>9} {'TTFT max':>8} {'mean batch':>10} {'graphs captured':>15} {'compiled':>8}", flush=True)
+              f"{'TTFT mean':>9} {'TTFT max':>8} {'mean batch':>10} {'graphs captured':>15} {'compiled':>8}",
+              flush=True)
         for n in args.clients:
             if args.warm_each:  # the same load once untimed: graphs of new shapes are captured there
                 run_clients(server, n, args.requests, body, log)
@@ -216,7 +217,8 @@ def bench_setting(version: str, device: str, limit, args, workdir: str, cuda_gra
             rows.append(row)
             print(f"{n:>7} {row['tokens']:>7} {row['wall_s']:>7.2f} {row['total_tok_s']:>11.1f} "
                   f"{row['per_client_tok_s_mean']:>10.1f} {row['ttft_mean_s']:>9.3f} {row['ttft_max_s']:>8.3f} "
-                  f"{row['mean_batch'] or 0:>10.2f} {row['graphs_captured']:>4} ({row['capture_s']:.2f} s) {row['kernels_compiled']:>8}", flush=True)
+                  f"{row['mean_batch'] or 0:>10.2f} {row['graphs_captured']:>4} ({row['capture_s']:.2f} s) "
+                  f"{row['kernels_compiled']:>8}", flush=True)
         base = next((r["total_tok_s"] for r in rows if r["clients"] == 1), None)
         for r in rows:
             r["speedup_vs_1"] = round(r["total_tok_s"] / base, 2) if base else None
