@@ -12,7 +12,7 @@ from bminf.kernels import int8_linear, triton_attention, triton_int8
 from bminf.quantization import quantize_weight
 
 # (rows, out_features, in_features): decode and small batches, odd sizes that leave partial tiles
-# (1-2 rows take the GEMV kernel, more the split-K tensor-core one)
+# (one row takes the GEMV kernel, more the split-K tensor-core one)
 SHAPES = [(1, 96, 80), (2, 70, 600), (3, 33, 130), (4, 128, 1030), (5, 130, 200), (16, 64, 256), (40, 300, 130),
           (64, 128, 64)]
 
@@ -240,7 +240,7 @@ worst = dict(many=0.0, norm=0.0, gelu=0.0, gated=0.0, add=0.0)
 def err(y, ref):  # a NaN anywhere counts as infinitely wrong (max() would pass over it)
     e = float((y.cpu().double() - ref.cpu().double()).abs().max() / ref.cpu().double().abs().max())
     return e if e == e else float("inf")
-# the split-K matmul (3-64 rows) splits K as it would on a GPU of 132 multiprocessors: 2-3 splits here,
+# the split-K matmul (2-64 rows) splits K as it would on a GPU of 132 multiprocessors: 2-3 splits here,
 # some with a short last stretch of K (2100 = 1024 + 1024 + 52)
 from bminf.kernels import triton_int8
 triton_gemv.multiprocessors = lambda device: 132
@@ -354,7 +354,7 @@ def test_fused_epilogues_are_picked_for_decode_and_give_gradients(monkeypatch):
     torch.manual_seed(0)
     a, g = (QuantizedLinear(torch.nn.Linear(256, 96, bias=False)).cuda().half() for _ in range(2))
     lin = QuantizedLinear(torch.nn.Linear(256, 96)).cuda().half()
-    # 1-2 rows: the GEMV, 3-64 the split-K matmul, more than 64 the modules and torch ops
+    # one row: the GEMV, 2-64 the split-K matmul, more than 64 the modules and torch ops
     for rows, fused in [(1, True), (4, True), (5, True), (40, True), (triton_int8.MAX_ROWS + 1, False)]:
         x = torch.randn(rows, 256, device="cuda", dtype=torch.float16, requires_grad=True)
         r = torch.randn(rows, 96, device="cuda", dtype=torch.float16, requires_grad=True)

@@ -70,9 +70,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def _one_launch(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
     """Whether these int8 linears (``QuantizedLinear``s of one shape) can run on ``x`` as one launch of
-    the GEMV (one row) or of the split-K matmul (up to 64 rows): on CUDA where
-    the Triton kernels apply. Chosen by device, dtype and shape alone, never by grad mode (see
-    ``int8_linear``)."""
+    the GEMV (one row) or of the split-K matmul (up to 64 rows): on CUDA where the Triton kernels
+    apply. Chosen by device, dtype and shape alone, never by grad mode (see ``int8_linear``)."""
     if x.dim() == 0 or x.numel() // max(x.shape[-1], 1) > triton_int8.MAX_ROWS:
         return False
     first = linears[0]
