@@ -56,13 +56,17 @@ PLAIN, GELU, GATED, ADD = 0, 1, 2, 3  # the kernel's epilogues (gemv_kernels rea
 # (n, k) -> (BLOCK_N, BLOCK_K, num_warps, num_stages) for one row: the fastest in a sweep on an H200
 # (2026-11-29, Triton 3.6; benchmark/results/h200_gemv_sweep2.json), weights rotating through more
 # memory than L2 holds, widening by byte permutes. num_stages is 1: Triton pipelines only loads that
-# feed tl.dot, so it changes nothing here.
+# feed tl.dot, so it changes nothing here. Four entries were then tuned on the graphed decode step
+# itself, where each launch follows a norm, attention or another GEMV under dependent launch and a lone
+# kernel's best is not the step's: T5's gated input at CPM-2's size (8, 256, 4) took the step from 2.105
+# to 2.022 ms; EVA's 2048x2048 (4, 2048, 4) from 0.932 to 0.914; CPM-1's 2560x2560 and 2560x10240
+# together from 1.371 to 1.291 (h200_run70_step_tune.log, each pair alternated twice in one process).
 TABLE: Dict[Tuple[int, ...], Tuple[int, int, int, int]] = {
     (4096, 4096): (2, 2048, 2, 1), (10240, 4096): (4, 1024, 2, 1), (4096, 10240): (2, 2048, 2, 1),     # CPM-2
-    (2560, 2560): (2, 512, 2, 1), (10240, 2560): (4, 512, 2, 1), (2560, 10240): (2, 2048, 2, 1),       # CPM-1
-    (2048, 2048): (2, 2048, 4, 1), (5120, 2048): (2, 2048, 2, 1), (2048, 5120): (1, 1024, 4, 1),       # EVA
-    # T5's gated GELU: each program reads the tile of both input weights (h200_run14.log)
-    (10240, 4096, 2): (4, 512, 2, 1), (5120, 2048, 2): (2, 512, 2, 1),
+    (2560, 2560): (4, 512, 2, 1), (10240, 2560): (4, 512, 2, 1), (2560, 10240): (2, 2048, 4, 1),       # CPM-1
+    (2048, 2048): (4, 2048, 4, 1), (5120, 2048): (2, 2048, 2, 1), (2048, 5120): (1, 1024, 4, 1),       # EVA
+    # T5's gated GELU: each program reads the tile of both input weights
+    (10240, 4096, 2): (8, 256, 4, 1), (5120, 2048, 2): (2, 512, 2, 1),
 }
 
 
