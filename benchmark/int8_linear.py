@@ -7,10 +7,12 @@ For each weight shape of a CPM-2 block it times, on one GPU, ``x @ W.T`` for a (
 fp16 ``F.linear`` (the resident fp16 baseline), the portable int8 path (dequantize, then cuBLAS) and
 the Triton int8 kernel (for 1-4 rows also the GEMV and the split-K matmul each, between which it
 chooses by the row count), and prints the weight bytes read per second against the HBM read ceiling
-measured in the same run (``torch.sum`` over 2 GiB). For 1-4 rows it also times the launches that do
-more than one linear: attention's q/k/v in one launch, and T5's two feed-forward inputs in one
-launch (then the GELU and the product), against separate launches; and the kernel with an epilogue
-(T5's gated GELU, GPT's GELU, a residual add) against the kernel followed by the torch ops.
+measured in the same run (``torch.sum`` over 2 GiB). Up to ``triton_int8.MAX_ROWS`` rows it also
+times, through the kernel a decode step runs for that row count (``int8_linear_many``: the GEMV for
+one row, the split-K matmul for more), the launches that do more than one linear: attention's q/k/v
+in one launch, and T5's two feed-forward inputs in one launch (then the GELU and the product),
+against separate launches; and the kernel with an epilogue (T5's gated GELU, GPT's GELU, a residual
+add) against the kernel followed by the torch ops.
 
 Each timed call reads another copy of the weight, the copies together larger than L2 (50 MB on an
 H100/H200), as a decode step reads every weight once: timing one weight over and over would read it
@@ -74,14 +76,15 @@ def sweep(x, qs, s):
 
 
 def epilogues(name, n, k, rows, x, qs, s, show, sweep_tiles: bool):
-    """The GEMV with GPT's GELU or a residual add in its epilogue, against the GEMV then the torch op;
-    with ``sweep_tiles`` the gated GELU's tiles for T5's feed-forward input too."""
+    """The kernel for ``rows`` with GPT's GELU or a residual add in its epilogue, against the kernel then
+    the torch op; with ``sweep_tiles`` (one row) the GEMV's gated GELU tiles for T5's feed-forward input."""
+    linear, gelu, add = triton_int8.int8_linear, triton_gemv.GELU, triton_gemv.ADD
     if "in/gated" in name:
-        show(name, n, k, rows, "gelu(in) in the epilogue", bench(lambda i: triton_gemv.int8_gemv_gelu(x, qs[i], s),
-                                                                  len(qs)), n * k)
-        show(name, n, k, rows, "gelu(in) after", bench(lambda i: F.gelu(triton_gemv.int8_gemv(x, qs[i], s),
-                                                                         approximate="tanh"), len(qs)), n * k)
-        if sweep_tiles:
+        show(name, n, k, rows, "gelu(in) in the epilogue", bench(lambda i: triton_int8.int8_linear_many(
+            x, [qs[i]], [s], None, gelu)[0], len(qs)), n * k)
+        show(name, n, k, rows, "gelu(in) after", bench(lambda i: F.gelu(linear(x, qs[i], s), approximate="tanh"),
+                                                        len(qs)), n * k)
+        if sweep_tiles and rows <= triton_int8.GEMV_ROWS:
             pairs = [qs[i:i + 2] for i in range(0, len(qs) - 1, 2)]
             for bn, bk, warps in itertools.product((1, 2, 4), (512, 1024, 2048), (2, 4)):
                 us = bench(lambda i: triton_gemv._launch(x, pairs[i], [s, s], [None, None], (bn, bk, warps, 1),
@@ -89,10 +92,9 @@ def epilogues(name, n, k, rows, x, qs, s, show, sweep_tiles: bool):
                 show(name, n, k, rows, f"gated tiles {(bn, bk, warps, 1)}", us, 2 * n * k)
     else:
         r = torch.randn(rows, n, device="cuda", dtype=torch.float16)
-        show(name, n, k, rows, "residual add in the epilogue", bench(lambda i: triton_gemv.int8_gemv_add(
-            x, qs[i], s, None, r), len(qs)), n * k)
-        show(name, n, k, rows, "residual add after", bench(lambda i: r + triton_gemv.int8_gemv(x, qs[i], s),
-                                                           len(qs)), n * k)
+        show(name, n, k, rows, "residual add in the epilogue", bench(lambda i: triton_int8.int8_linear_many(
+            x, [qs[i]], [s], None, add, r)[0], len(qs)), n * k)
+        show(name, n, k, rows, "residual add after", bench(lambda i: r + linear(x, qs[i], s), len(qs)), n * k)
 
 
 def hbm_read_gbs():
@@ -147,9 +149,9 @@ def main():
                         table[(n, k)] = tiles
                 for kernel, (us, width) in times.items():
                     show(name, n, k, rows, kernel, us, n * k * width)
-                if rows <= triton_gemv.MAX_ROWS and n != k:
+                if rows <= triton_int8.MAX_ROWS and n != k:
                     epilogues(name, n, k, rows, x, qs, s, show, args.sweep)
-                if rows > triton_gemv.MAX_ROWS or n != k and "in/gated" not in name:
+                if rows > triton_int8.MAX_ROWS or n != k and "in/gated" not in name:
                     continue
                 # attention's q, k and v of one layer; or T5's two feed-forward inputs, then GELU and product
                 size = 3 if n == k else 2
@@ -157,14 +159,14 @@ def main():
 
                 def grouped(i, together):
                     group = groups[i]
-                    outs = triton_gemv.int8_gemv_many(x, group, [s] * size) if together else \
-                        [triton_gemv.int8_gemv(x, q, s) for q in group]
+                    outs = triton_int8.int8_linear_many(x, group, [s] * size) if together else \
+                        [triton_int8.int8_linear(x, q, s) for q in group]
                     return outs if size == 3 else F.gelu(outs[0], approximate="tanh") * outs[1]
 
                 what = "q/k/v in" if size == 3 else "gelu(in) * gated,"
                 if size == 2:
-                    show(name, n, k, rows, f"{what} fused", bench(lambda i: triton_gemv.int8_gemv_gated(
-                        x, groups[i][0], s, groups[i][1], s), len(groups)), size * n * k)
+                    show(name, n, k, rows, f"{what} fused", bench(lambda i: triton_int8.int8_linear_many(
+                        x, groups[i], [s, s], None, triton_gemv.GATED)[0], len(groups)), size * n * k)
                 for together, launches in ((True, "one launch"), (False, f"{size} launches")):
                     show(name, n, k, rows, f"{what} {launches}", bench(lambda i: grouped(i, together), len(groups)),
                          size * n * k)
