@@ -36,8 +36,10 @@ read ``x``.
 
 Tiles come from ``config(m, n, k)``: a table for the shapes of CPM-1 (2560/10240), CPM-2 (4096/10240)
 and EVA (2048/5120), and a rule for other shapes. ``BMINF_GEMV_TABLE`` names a JSON file
-(``{"NxK": [BLOCK_N, BLOCK_K, num_warps, num_stages]}``, as ``--table-out`` writes it; ``"NxKx2"``
-for the gated GELU) whose entries take precedence, for tuning another GPU.
+(``{"NxK": [BLOCK_N, BLOCK_K, num_warps, num_stages]}``; ``"NxKx2"`` for the gated GELU) whose entries
+take precedence, for tuning another GPU or model: ``python -m benchmark.tune_step --table-out`` writes
+one tuned on the graphed decode step, ``benchmark/int8_linear.py --sweep --table-out`` on each kernel
+alone.
 """
 import functools
 import json
