@@ -78,10 +78,10 @@ def sweep(x, qs, s):
 def epilogues(name, n, k, rows, x, qs, s, show, sweep_tiles: bool):
     """The kernel for ``rows`` with GPT's GELU or a residual add in its epilogue, against the kernel then
     the torch op; with ``sweep_tiles`` (one row) the GEMV's gated GELU tiles for T5's feed-forward input."""
-    linear, gelu, add = triton_int8.int8_linear, triton_gemv.GELU, triton_gemv.ADD
+    linear = triton_int8.int8_linear
     if "in/gated" in name:
-        show(name, n, k, rows, "gelu(in) in the epilogue", bench(lambda i: triton_int8.int8_linear_many(
-            x, [qs[i]], [s], None, gelu)[0], len(qs)), n * k)
+        show(name, n, k, rows, "gelu(in) in the epilogue", bench(lambda i: triton_int8.int8_linear_gelu(x, qs[i], s),
+                                                                  len(qs)), n * k)
         show(name, n, k, rows, "gelu(in) after", bench(lambda i: F.gelu(linear(x, qs[i], s), approximate="tanh"),
                                                         len(qs)), n * k)
         if sweep_tiles and rows <= triton_int8.GEMV_ROWS:
@@ -92,8 +92,8 @@ def epilogues(name, n, k, rows, x, qs, s, show, sweep_tiles: bool):
                 show(name, n, k, rows, f"gated tiles {(bn, bk, warps, 1)}", us, 2 * n * k)
     else:
         r = torch.randn(rows, n, device="cuda", dtype=torch.float16)
-        show(name, n, k, rows, "residual add in the epilogue", bench(lambda i: triton_int8.int8_linear_many(
-            x, [qs[i]], [s], None, add, r)[0], len(qs)), n * k)
+        show(name, n, k, rows, "residual add in the epilogue", bench(lambda i: triton_int8.int8_linear_add(
+            x, qs[i], s, None, r), len(qs)), n * k)
         show(name, n, k, rows, "residual add after", bench(lambda i: r + linear(x, qs[i], s), len(qs)), n * k)
 
 
@@ -165,8 +165,8 @@ def main():
 
                 what = "q/k/v in" if size == 3 else "gelu(in) * gated,"
                 if size == 2:
-                    show(name, n, k, rows, f"{what} fused", bench(lambda i: triton_int8.int8_linear_many(
-                        x, groups[i], [s, s], None, triton_gemv.GATED)[0], len(groups)), size * n * k)
+                    show(name, n, k, rows, f"{what} fused", bench(lambda i: triton_int8.int8_linear_gated(
+                        x, groups[i][0], s, groups[i][1], s), len(groups)), size * n * k)
                 for together, launches in ((True, "one launch"), (False, f"{size} launches")):
                     show(name, n, k, rows, f"{what} {launches}", bench(lambda i: grouped(i, together), len(groups)),
                          size * n * k)
