@@ -196,19 +196,22 @@ def _matmul(x2: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[
     block_m, block_n, block_k, split = matmul_config(m, n, k, len(weights), x2.device, block_k)
     k_split = cdiv(cdiv(k, split), block_k) * block_k  # each split a whole number of K tiles
     split = cdiv(k, k_split)
-    partials = torch.empty(len(weights), split, m, n, dtype=torch.float32, device=x2.device)
+    grid = (cdiv(n, block_n) * len(weights), split, cdiv(m, block_m))
+    # the partial sums and each tile's count, only where a tile is summed by more than one program
+    # (else placeholder pointers the kernel never reads: no allocation in every eager step)
+    summed = split > 1 or gated
+    partials = torch.empty(len(weights), split, m, n, dtype=torch.float32, device=x2.device) if summed else x2
+    counts = tickets(x2.device, grid[0] * grid[2]) if summed else x2
     outs = [torch.empty(m, n, dtype=x2.dtype, device=x2.device) for _ in weights[:1 if gated else None]]
     has_bias = biases[0] is not None
     s = [t.contiguous() for t in scales]
     b = [t.to(x2.dtype).contiguous() for t in biases] if has_bias else s  # placeholders when absent
     r = x2 if residual is None else residual.reshape(m, n).contiguous()
-    grid = (cdiv(n, block_n) * len(weights), split, cdiv(m, block_m))
     pad = triton_gemv.padded
-    launch(kernel, grid, x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, partials,
-           tickets(x2.device, grid[0] * grid[2]), m, n, k, k_split, GROUP=len(weights), SPLIT=split,
-           EVEN=n % block_n == 0 and k == split * k_split, PRMT=triton_gemv.widen_by_permute(), HAS_BIAS=has_bias,
-           EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
-           **dependent_launch.options(x2.device))
+    launch(kernel, grid, x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, partials, counts, m, n, k, k_split,
+           GROUP=len(weights), SPLIT=split, EVEN=n % block_n == 0 and k == split * k_split,
+           PRMT=triton_gemv.widen_by_permute(), HAS_BIAS=has_bias, EPILOGUE=epilogue, BLOCK_M=block_m,
+           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3, **dependent_launch.options(x2.device))
     return outs
 
 
