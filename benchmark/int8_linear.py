@@ -17,6 +17,11 @@ add) against the kernel followed by the torch ops.
 Each timed call reads another copy of the weight, the copies together larger than L2 (50 MB on an
 H100/H200), as a decode step reads every weight once: timing one weight over and over would read it
 from L2 after the first call.
+
+The product's kernel is timed twice: alone, each launch waiting for the one before to end, and "as in
+a step", launched as a decode step launches it (``dependent_launch``: where the GPU has programmatic
+dependent launch, each kernel loads its first weight tile while the one before is finishing). The
+first is the kernel's own speed; the second what it gives inside a decode step.
 """
 import argparse
 import itertools
@@ -25,7 +30,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from bminf.kernels import triton_gemv, triton_int8
+from bminf.kernels import dependent_launch, triton_gemv, triton_int8
 from bminf.quantization import quantize_weight
 
 MODELS = {"cpm2": (4096, 10240), "cpm1": (2560, 10240), "eva": (2048, 5120)}  # d_model, d_ff
@@ -62,6 +67,14 @@ def bench(fn, n: int = 1, reps: int = 48) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / (5 * reps) * 1e3  # microseconds
+
+
+def as_in_a_step(fn):
+    """``fn`` launched as a decode step launches its kernels (``dependent_launch.within_a_step``)."""
+    def call(i):
+        with dependent_launch.within_a_step():
+            return fn(i)
+    return call
 
 
 def sweep(x, qs, s):
@@ -135,6 +148,8 @@ def main():
                     "fp16 F.linear": (bench(lambda i: F.linear(x, ws[i]), len(ws)), 2),
                     "int8 portable": (bench(lambda i: F.linear(x, qs[i] * s.to(x.dtype)[:, None]), len(qs)), 1),
                     "int8 triton": (bench(lambda i: triton_int8.int8_linear(x, qs[i], s), len(qs)), 1),
+                    "int8 triton, as in a step": (bench(as_in_a_step(lambda i: triton_int8.int8_linear(x, qs[i], s)),
+                                                        len(qs)), 1),
                     **{f"int8 triton K{bk}": (bench(lambda i: triton_int8.int8_linear(x, qs[i], s, block_k=bk),
                                                     len(qs)), 1) for bk in args.block_k},
                 }
@@ -167,6 +182,12 @@ def main():
                 if size == 2:
                     show(name, n, k, rows, f"{what} fused", bench(lambda i: triton_int8.int8_linear_gated(
                         x, groups[i][0], s, groups[i][1], s), len(groups)), size * n * k)
+                    show(name, n, k, rows, f"{what} fused, as in a step", bench(as_in_a_step(
+                        lambda i: triton_int8.int8_linear_gated(x, groups[i][0], s, groups[i][1], s)), len(groups)),
+                        size * n * k)
+                else:
+                    show(name, n, k, rows, f"{what} one launch, as in a step", bench(as_in_a_step(
+                        lambda i: grouped(i, True)), len(groups)), size * n * k)
                 for together, launches in ((True, "one launch"), (False, f"{size} launches")):
                     show(name, n, k, rows, f"{what} {launches}", bench(lambda i: grouped(i, together), len(groups)),
                          size * n * k)
