@@ -414,6 +414,74 @@ def test_gemv_table_file_is_read_and_checked(monkeypatch, tmp_path):
         triton_gemv._table.cache_clear()
 
 
+def test_gluon_gemv_is_picked_only_where_it_was_measured(monkeypatch):
+    from bminf.kernels import gluon_gemv, triton_gemv
+    cpu = torch.device("cpu")
+    gluon_gemv.usable.cache_clear()
+    try:
+        assert not gluon_gemv.usable(cpu) and gluon_gemv.tiles(1, 4096, 10240, cpu) is None
+        monkeypatch.setenv("BMINF_GEMV_GLUON", "yes")
+        gluon_gemv.usable.cache_clear()
+        with pytest.raises(ValueError, match="BMINF_GEMV_GLUON must be '0' or '1', got 'yes'"):
+            gluon_gemv.usable(cpu)
+    finally:
+        gluon_gemv.usable.cache_clear()
+    # where it can run: one row of a shape in its table, and in triton_gemv only a plain linear without bias
+    monkeypatch.setattr(gluon_gemv, "usable", lambda device: True)
+    assert gluon_gemv.tiles(1, 4096, 10240, cpu) == gluon_gemv.TABLE[(4096, 10240)]
+    assert gluon_gemv.tiles(2, 4096, 10240, cpu) is None and gluon_gemv.tiles(1, 4096, 4096, cpu) is None
+    calls = []
+    monkeypatch.setattr(gluon_gemv, "int8_gemv", lambda x2, w, s, out, tile: calls.append(("gluon", tile)))
+    monkeypatch.setattr(triton_gemv, "launch", lambda kernel, grid, *a, **kw: calls.append(("triton", None)))
+    monkeypatch.setattr(triton_gemv, "widen_by_permute", lambda: True)
+    x = torch.randn(1, 10240, dtype=torch.float16)
+    w = torch.zeros(4096, 10240, dtype=torch.int8)
+    s, b = torch.ones(4096, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16)
+    assert triton_gemv.int8_gemv(x, w, s).shape == (1, 4096)
+    triton_gemv.int8_gemv(x, w, s, b)  # a bias: the Triton GEMV
+    triton_gemv.int8_gemv_add(x, w, s, None, torch.zeros(1, 4096, dtype=torch.float16))
+    triton_gemv.int8_gemv(x, w, s, tiles=(2, 2048, 2))  # tiles asked for: the Triton GEMV
+    assert calls == [("gluon", gluon_gemv.TABLE[(4096, 10240)])] + [("triton", None)] * 3
+
+
+@pytest.mark.gpu
+def test_gluon_gemv_on_gpu(monkeypatch):
+    from bminf.kernels import dependent_launch, gluon_gemv, triton_gemv
+    dev = torch.device("cuda")
+    if not (gluon_gemv.usable(dev) and triton_gemv.widen_by_permute()):
+        pytest.skip("the Gluon GEMV runs with Triton " + "/".join(gluon_gemv.TRITONS) + " on Hopper only")
+    torch.manual_seed(0)
+    launched, real = [], gluon_gemv.int8_gemv
+    monkeypatch.setattr(gluon_gemv, "int8_gemv", lambda *a: launched.append(a[-1]) or real(*a))
+    for (n, k), tile in [((4096, 10240), None), ((256, 2048), (8, 256, 3, 4)), ((64, 512), (4, 512, 2, 2))]:
+        q, s = (t.to(dev) for t in quantize_weight(torch.randn(n, k)))
+        x = torch.randn(1, k, device=dev, dtype=torch.float16)
+        want = F.linear(x.double(), q.double() * s.double()[:, None])
+        if tile is None:  # the product's route: int8_linear takes it for this shape
+            got = triton_int8.int8_linear(x, q, s)
+            assert launched == [gluon_gemv.TABLE[(n, k)]]
+        else:
+            got = torch.empty(1, n, device=dev, dtype=torch.float16)
+            gluon_gemv.int8_gemv(x, q, s, got, tile)
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-3
+        # in a CUDA graph as a decode step launches it: right after a Triton kernel, under PDL; the same bits
+        qx, sx = (t.to(dev) for t in quantize_weight(torch.randn(k, 256)))
+        x0 = torch.randn(1, 256, device=dev, dtype=torch.float16)
+        with dependent_launch.within_a_step():
+            def step():
+                out = torch.empty(1, n, device=dev, dtype=torch.float16)
+                gluon_gemv.int8_gemv(triton_gemv.int8_gemv(x0, qx, sx), q, s, out, tile or gluon_gemv.TABLE[(n, k)])
+                return out
+            eager = step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = step()
+            graph.replay()
+        assert torch.equal(captured, eager)
+    with pytest.raises(ValueError, match="do not divide"):
+        gluon_gemv.int8_gemv(x, q, s, got, (5, 512, 2, 2))
+
+
 # attention for one query row, and a graphed step's store-and-attend, against the formula in float64
 ATTENTION_CHECK = """
 import torch
