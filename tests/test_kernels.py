@@ -414,6 +414,7 @@ def test_gemv_table_file_is_read_and_checked(monkeypatch, tmp_path):
         triton_gemv._table.cache_clear()
 
 
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
 def test_gluon_gemv_is_picked_only_where_it_was_measured(monkeypatch):
     from bminf.kernels import gluon_gemv, triton_gemv
     cpu = torch.device("cpu")
