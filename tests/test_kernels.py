@@ -418,9 +418,11 @@ def test_gemv_table_file_is_read_and_checked(monkeypatch, tmp_path):
 def test_gluon_gemv_is_picked_only_where_it_was_measured(monkeypatch):
     from bminf.kernels import gluon_gemv, triton_gemv
     cpu = torch.device("cpu")
+    x = torch.randn(1, 10240, dtype=torch.float16)
+    w = torch.zeros(4096, 10240, dtype=torch.int8)
     gluon_gemv.usable.cache_clear()
     try:
-        assert not gluon_gemv.usable(cpu) and gluon_gemv.tiles(1, 4096, 10240, cpu) is None
+        assert not gluon_gemv.usable(cpu) and gluon_gemv.tiles(x, w) is None
         monkeypatch.setenv("BMINF_GEMV_GLUON", "yes")
         gluon_gemv.usable.cache_clear()
         with pytest.raises(ValueError, match="BMINF_GEMV_GLUON must be '0' or '1', got 'yes'"):
@@ -429,14 +431,17 @@ def test_gluon_gemv_is_picked_only_where_it_was_measured(monkeypatch):
         gluon_gemv.usable.cache_clear()
     # where it can run: one row of a shape in its table, and in triton_gemv only a plain linear without bias
     monkeypatch.setattr(gluon_gemv, "usable", lambda device: True)
-    assert gluon_gemv.tiles(1, 4096, 10240, cpu) == gluon_gemv.TABLE[(4096, 10240)]
-    assert gluon_gemv.tiles(2, 4096, 10240, cpu) is None and gluon_gemv.tiles(1, 4096, 4096, cpu) is None
+    assert gluon_gemv.tiles(x, w) == gluon_gemv.TABLE[(4096, 10240)]
+    assert gluon_gemv.tiles(x.expand(2, -1), w) is None  # two rows
+    assert gluon_gemv.tiles(x[:, :4096], w[:, :4096].contiguous()) is None  # a shape not in the table
+    unaligned = torch.zeros(4096 * 10240 + 1, dtype=torch.int8)[1:].view(4096, 10240)
+    assert gluon_gemv.tiles(x, unaligned) is None  # cp.async's 16 bytes: a weight off the 16-byte grid
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        gluon_gemv.int8_gemv(x, unaligned, torch.ones(4096), torch.empty(1, 4096), gluon_gemv.TABLE[(4096, 10240)])
     calls = []
     monkeypatch.setattr(gluon_gemv, "int8_gemv", lambda x2, w, s, out, tile: calls.append(("gluon", tile)))
     monkeypatch.setattr(triton_gemv, "launch", lambda kernel, grid, *a, **kw: calls.append(("triton", None)))
     monkeypatch.setattr(triton_gemv, "widen_by_permute", lambda: True)
-    x = torch.randn(1, 10240, dtype=torch.float16)
-    w = torch.zeros(4096, 10240, dtype=torch.int8)
     s, b = torch.ones(4096, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16)
     assert triton_gemv.int8_gemv(x, w, s).shape == (1, 4096)
     triton_gemv.int8_gemv(x, w, s, b)  # a bias: the Triton GEMV

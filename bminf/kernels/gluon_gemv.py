@@ -54,12 +54,19 @@ def usable(device: torch.device) -> bool:
     return has_gluon and ".".join(triton.__version__.split(".")[:2]) in TRITONS
 
 
-def tiles(m: int, n: int, k: int, device: torch.device) -> Optional[Tuple[int, int, int, int]]:
-    """``TABLE``'s tiles for an (m, k) x (n, k)^T problem where this kernel takes it (one row, a shape of
-    the table, a usable device), else None."""
-    if m != 1 or (n, k) not in TABLE or not usable(device):
+def tiles(x2: torch.Tensor, weight: torch.Tensor) -> Optional[Tuple[int, int, int, int]]:
+    """``TABLE``'s tiles for ``x2`` (m, k) times ``weight`` (n, k)^T where this kernel takes it (one row, a
+    shape of the table, a weight on a 16-byte boundary, a usable device), else None."""
+    n, k = weight.shape
+    if x2.shape[0] != 1 or (n, k) not in TABLE or not _aligned(weight) or not usable(x2.device):
         return None
     return TABLE[(n, k)]
+
+
+def _aligned(weight: torch.Tensor) -> bool:
+    # cp.async copies 16 bytes at a time: the kernel compiles only for a weight whose address (and
+    # each row's: k is a multiple of 16) Triton can tell lies on a 16-byte boundary
+    return weight.data_ptr() % 16 == 0 and weight.shape[1] % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,6 +83,8 @@ def int8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: 
     block_n, block_k, stages, warps = tile
     if n % block_n or k % block_k:
         raise ValueError(f"gluon_gemv: tiles {tile} do not divide the weight's shape {(n, k)}")
+    if not _aligned(weight):
+        raise ValueError("gluon_gemv: the weight must start on a 16-byte boundary, with rows a multiple of 16 bytes")
     launch(_kernel(), (n // block_n,), x2, weight, scale, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
            STAGES=stages, LANES_K=min(32, block_k // 16), WARPS=warps, num_warps=warps,
            **dependent_launch.options(x2.device))

@@ -197,7 +197,7 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
     outs = [torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in weights[:1 if gated else None]]
     has_bias = biases[0] is not None
     if epilogue == PLAIN and len(weights) == 1 and not has_bias and tiles is None and widen_by_permute():
-        tile = gluon_gemv.tiles(m, n, k, x.device)  # T5's feed-forward output: see gluon_gemv
+        tile = gluon_gemv.tiles(x2, weights[0])  # T5's feed-forward output: see gluon_gemv
         if tile is not None:
             gluon_gemv.int8_gemv(x2, weights[0], scales[0].contiguous(), outs[0], tile)
             return [outs[0].reshape(*x.shape[:-1], n)]
