@@ -3,18 +3,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
+from .gdc import wait_then_release
 from .gemv_kernels import WIDEN_PRMT
 
 WIDEN = gl.constexpr(WIDEN_PRMT.value)  # int8 -> fp32 by byte permutes, as the Triton GEMV widens
-
-
-@gluon.jit
-def _wait_then_release(PDL: gl.constexpr):
-    # gdc.wait_then_release's rule (see dependent_launch), in Gluon
-    if PDL:
-        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -36,7 +28,7 @@ def int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, PDL: gl.constexpr, BLOCK_N: gl.c
         async_copy.async_copy_global_to_shared(ring.index(s), w_at + s * BLOCK_K, mask=(rk[None, :] * 0 + s) < tiles)
         async_copy.commit_group()
     scale = gl.load(s_ptr + rn).to(gl.float32)
-    _wait_then_release(PDL)
+    wait_then_release(PDL)  # the Triton kernels' rule (see dependent_launch)
     acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, layout)
     for i in range(tiles):
         async_copy.wait_group(STAGES - 1)  # tile i has landed (one group is committed per tile)
