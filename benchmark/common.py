@@ -161,6 +161,17 @@ def build_ours(preset: str, tiny: bool, device: torch.device, home: Optional[tor
     return fill_random_(model, device, home or device, torch.float16 if device.type == "cuda" else torch.float32)
 
 
+def graphed_model(ap: argparse.ArgumentParser, args: argparse.Namespace, purpose: str):
+    """``(device, kind, cfg, model)`` for a script that times or profiles graphed decode steps of
+    ``--preset`` (``--tiny``) on ``--device``: our backbone with random weights; refused (``ap.error``,
+    naming ``purpose``) unless that device is a CUDA GPU."""
+    device = torch.device(args.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: {purpose}; it needs a CUDA device")
+    kind, cfg = config(args.preset, args.tiny)
+    return device, kind, cfg, build_ours(args.preset, args.tiny, device)
+
+
 def build_hf(preset: str, tiny: bool, device: torch.device, home: Optional[torch.device] = None) -> nn.Module:
     """HF transformers' model of the same shape (GPT2LMHeadModel / T5ForConditionalGeneration), fp16."""
     kind, c = config(preset, tiny)

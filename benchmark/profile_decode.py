@@ -22,7 +22,7 @@ from bminf.kernels.triton_int8 import always_fused
 
 if not __package__:  # run as a file: the relative import below needs the package
     raise SystemExit("run it from the repository root as a module: python -m benchmark.profile_decode ...")
-from .common import build_ours, config, free, machine
+from .common import free, graphed_model, machine
 from .runs import _ids, _ours_runner
 
 
@@ -36,11 +36,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: this profiles the CUDA kernels of a graphed step; it needs a CUDA device")
-    kind, cfg = config(args.preset, args.tiny)
-    model = build_ours(args.preset, args.tiny, device)
+    device, kind, cfg, model = graphed_model(ap, args, "this profiles the CUDA kernels of a graphed step")
     b, L = args.batch_size, args.input_length
     max_length = 256 + (L if kind == "gpt" else 0)
     ids = _ids(b, L, cfg.vocab_size, device)

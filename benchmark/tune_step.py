@@ -26,7 +26,7 @@ from bminf.kernels import triton_gemv
 
 if not __package__:  # run as a file: the relative import below needs the package
     raise SystemExit("run it from the repository root as a module: python -m benchmark.tune_step ...")
-from .common import build_ours, config, free, machine
+from .common import free, graphed_model, machine
 from .runs import _ids, _ours_runner
 
 Tiles = Tuple[int, int, int]  # BLOCK_N, BLOCK_K, num_warps
@@ -71,11 +71,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every timing here")
     ap.add_argument("--device", default="cuda:0")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: this times CUDA-graph decode steps; it needs a CUDA device")
-    kind, cfg = config(args.preset, args.tiny)
-    model = build_ours(args.preset, args.tiny, device)
+    device, kind, cfg, model = graphed_model(ap, args, "this times CUDA-graph decode steps")
     ids = _ids(1, args.input_length, cfg.vocab_size, device)
     mask = torch.ones_like(ids, dtype=torch.bool)
     # as benchmark.cpm2.decoder's: 256 positions after the prompt (more if the timed steps need them)
