@@ -22,6 +22,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
+from bminf.kernels import compile_ahead
 from bminf.models.gpt import GPT, GPT_PRESETS, GPTConfig
 from bminf.models.t5 import T5, T5_PRESETS, T5Config
 from bminf.quantization import quantize_
@@ -156,6 +157,7 @@ def fill_random_(model: nn.Module, gen_device: torch.device, home: torch.device,
 def build_ours(preset: str, tiny: bool, device: torch.device, home: Optional[torch.device] = None) -> nn.Module:
     """Our backbone, int8 linears, random weights, on ``home`` (default: ``device``)."""
     kind, cfg = config(preset, tiny)
+    compile_ahead.set_up_in_background(device)  # as the model classes do when they load a checkpoint
     with torch.device("meta"):
         model = quantize_(GPT(cfg) if kind == "gpt" else T5(cfg))
     return fill_random_(model, device, home or device, torch.float16 if device.type == "cuda" else torch.float32)

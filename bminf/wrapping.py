@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .kernels import compile_ahead
 from .offload import DeviceSpec, TransformerBlockList, place_block_lists
 from .offload.place import Size, parse_reserve, parse_slots, resolve_devices
 from .quantization import QuantizedLinear, quantize_weight
@@ -194,6 +195,7 @@ def wrapper(model: nn.Module, quantization: bool = True, memory_limit: Size = No
     reserve, slots = parse_reserve(reserve), parse_slots(slots)
     dtype = None if dtype is None else parse_dtype(dtype)
     _check_not_wrapped(model)
+    compile_ahead.set_up_in_background(devices[0][0])  # Triton's own setup, while the model converts
 
     report: List[str] = []
     undo: List[Callable[[], None]] = []  # how to put the model back if a later step fails

@@ -643,6 +643,34 @@ def test_compile_ahead_is_off_in_the_interpreter(monkeypatch):
     compile_ahead.available.cache_clear()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not compile_ahead.available()
+
+
+def test_set_up_in_background_runs_on_gpus_only_and_launches_wait_for_it(monkeypatch):
+    import threading
+
+    from bminf.kernels import compile_ahead
+    monkeypatch.setattr(compile_ahead, "_SET_UP", None)
+    compile_ahead.set_up_in_background(torch.device("cpu"))
+    assert compile_ahead._SET_UP is None  # nothing to set up for the CPU
+    # a setup still running when the first launch comes: the launch waits for it (Triton's driver
+    # object may be half made until then)
+    release, order = threading.Event(), []
+
+    def slow_set_up():
+        release.wait(5)
+        order.append("set up")
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: order.append("run")
+
+    monkeypatch.setattr(compile_ahead, "_SET_UP", threading.Thread(target=slow_set_up, daemon=True))
+    compile_ahead._SET_UP.start()
+    threading.Timer(0.2, release.set).start()
+    compile_ahead.launch(Kernel(), (1,))
+    assert order == ["set up", "run"]
+    compile_ahead.set_up_in_background(torch.device("cuda"))  # started already: not a second thread
+    assert not compile_ahead._SET_UP.is_alive()
     compile_ahead.available.cache_clear()
 
 

@@ -20,20 +20,67 @@ calls after the pass overwrite every buffer it wrote.
 
 ``available()`` is False in Triton's interpreter and where Triton lacks ``AsyncCompileMode`` (before
 3.4) or its kernels' ``_init_handles``: then no pass is made and kernels compile where they first run.
+
+Before any kernel compiles, a process pays for Triton itself once: on an H200, CPM-2's first call on an
+empty cache spent 0.44-0.75 s hashing Triton's own files (its cache key), 0.36-0.64 s building its C
+helpers and 0.2 s importing Gluon (h200_run90: cProfile of the main thread, four processes). A model
+that loads onto a GPU starts that on a thread first thing (``set_up_in_background``), so it runs while
+the checkpoint is read; our launches wait for it to end (``_wait_for_set_up``).
 """
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import torch
 
 _COMPILING_ONLY = contextvars.ContextVar("bminf_compiling_only", default=False)
+_SET_UP: Optional[threading.Thread] = None
+
+
+def set_up_in_background(device: torch.device) -> None:
+    """Start Triton's once-a-process setup for our kernels on ``device`` (a daemon thread), if not started.
+
+    >>> # set_up_in_background(torch.device("cuda"))   # then read the checkpoint
+    """
+    global _SET_UP
+    if _SET_UP is not None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    _SET_UP = threading.Thread(target=_set_up, args=(device,), name="bminf-triton-setup", daemon=True)
+    _SET_UP.start()
+
+
+def _set_up(device: torch.device) -> None:
+    try:
+        from triton.runtime import driver
+        from triton.runtime.cache import triton_key
+
+        from . import gluon_gemv
+        modules = ["attention_kernels", "gemv_kernels", "matmul_kernels", "norm_kernels"]
+        modules += ["gluon_kernels"] if gluon_gemv.usable(device) else []
+        for name in modules:  # each parses its kernels' source when imported
+            importlib.import_module(f".{name}", __package__)
+        driver.active.utils  # the driver object builds (or loads) its C helpers on first use
+        triton_key()  # kept by Triton for the process
+    except Exception:  # the first launch then does the same, and reports what fails
+        pass
+
+
+def _wait_for_set_up() -> None:
+    # Triton creates its driver object without a lock: our first launch waits for the thread that may
+    # be creating it
+    thread = _SET_UP
+    if thread is not None and thread.is_alive():
+        thread.join()
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; inside ``compiling_only()``, its compilation only."""
+    _wait_for_set_up()
     if _COMPILING_ONLY.get():
         kernel.warmup(*args, grid=grid, **kwargs)
     else:
@@ -78,6 +125,7 @@ def compiling_only(device: torch.device):
     >>> # with compiling_only(x.device): step()     # then step() runs with every kernel compiled
     """
     from triton.runtime._async_compile import AsyncCompileMode
+    _wait_for_set_up()
     token = _COMPILING_ONLY.set(True)
     try:
         with _Pool(device) as pool, AsyncCompileMode(pool):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..generation import GPTRunner, SamplingParams, T5Runner, decode
+from ..kernels import compile_ahead
 from ..units import parse_dtype, parse_size
 
 __all__ = ["Pretrained", "EncoderDecoder", "Prepared", "InputTooLongError", "resolve_version", "available_version"]
@@ -185,6 +186,7 @@ class Pretrained(nn.Module):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         directory = resolve_version(self.model_key, version)
+        compile_ahead.set_up_in_background(device)  # Triton's own setup, while the checkpoint is read
 
         released = version in (None, hub.LATEST[self.model_key])
         backbone = load_model(directory, preset=self.preset if released else None)
