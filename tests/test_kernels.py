@@ -572,6 +572,53 @@ def test_decode_attention_kernel_on_gpu():
     assert run_check(ATTENTION_CHECK, "cuda") < 2e-3
 
 
+STEP_BIAS_CHECK = """
+import torch
+from bminf.kernels import triton_attention
+from bminf.layers import additive_mask
+from bminf.layers.position_bias import RelativePositionBias, relative_position_bucket
+torch.manual_seed(0)
+dev = "{device}"
+worst = 0
+# (batch, heads (1: GPT's mask alone), cache length, keys attended, source length (0: none), a position per row)
+for batch, heads, t, length, source, per_row in ((1, 6, 80, 70, 33, False), (3, 5, 300, 256, 130, True),
+                                                 (2, 1, 64, 64, 0, False), (4, 3, 40, 17, 65, True)):
+    bias = RelativePositionBias(heads, 32, 128, bidirectional=False)
+    bias.weight.data = torch.randn(heads, 32)
+    bias = bias.half().to(dev)
+    key_mask = torch.rand(batch, t, device=dev) < 0.7
+    pos = torch.randint(0, length, (batch if per_row else 1,), device=dev)
+    enc = torch.rand(batch, source, device=dev) < 0.6 if source else None
+    key_pos = torch.arange(t, device=dev)
+    buckets = relative_position_bucket(key_pos, key_pos[:1], False, 32, 128)[:, 0].to(torch.int32)
+    position = (bias.weight, buckets) if heads > 1 else None
+    # the torch ops of GraphedDecoder's step without the kernel
+    want_mask = key_mask.clone().scatter_(1, pos.expand(batch)[:, None], True)
+    want = additive_mask(want_mask[:, :length] & (key_pos[:length] <= pos[:, None]), torch.half)[:, None, None, :]
+    if position is not None:
+        want = bias(pos[:, None], key_pos[:length]).half() + want
+    got, cross = triton_attention.step_biases(key_mask, pos, length, torch.half, position, enc)
+    assert got.shape == want.shape and torch.equal(got, want), (batch, heads, length)
+    assert torch.equal(key_mask, want_mask), "the step's key is marked in the mask, nothing else changes"
+    if source:
+        assert torch.equal(cross, additive_mask(enc, torch.half)[:, None, None, :])
+    else:
+        assert cross is None
+print("worst", worst)
+"""
+
+
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
+def test_step_biases_kernel_in_the_interpreter():
+    assert run_check(STEP_BIAS_CHECK, "cpu", **INTERPRETER) == 0  # the same numbers, asserted in the check
+
+
+@pytest.mark.gpu
+def test_step_biases_kernel_on_gpu():
+    assert run_check(STEP_BIAS_CHECK, "cuda") == 0
+
+
 def test_attention_splits_keys_only_where_one_program_per_head_would_leave_the_gpu_idle(monkeypatch):
     from bminf.kernels import triton_gemv
     monkeypatch.setattr(triton_gemv, "multiprocessors", lambda device: 132)  # an H200

@@ -48,8 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import attention, compile_ahead, dependent_launch, triton_attention
-from ..kernels.triton_int8 import always_fused
+from ..kernels.triton_int8 import always_fused, available
 from ..layers import additive_mask
+from ..layers.position_bias import relative_position_bucket
 from ..models.t5 import add_and_norm
 from .loop import input_embedding
 
@@ -146,6 +147,11 @@ class GraphedDecoder:
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.key_pos = torch.arange(self.buckets[-1], device=self.device)
+        self.fused_biases = self.device.type == "cuda" and available()
+        if self.is_t5:  # the decoder's position bucket of each distance back, for the fused biases
+            bias = model.position_bias_dec
+            self.bucket_of_distance = relative_position_bucket(self.key_pos, self.key_pos[:1], False, bias.num_buckets,
+                                                               bias.max_distance)[:, 0].to(torch.int32)
         if self.is_t5:
             mask = torch.ones(batch_size, max_source_length, dtype=torch.bool, device=self.device)
             self.cache = model.new_cache(mask, max_length)
@@ -172,17 +178,9 @@ class GraphedDecoder:
         ``pos``: the column every row writes (one element) or each row's own (one per row)."""
         model = self.model
         kv = cache.self_kv if self.is_t5 else cache
-        key_pos = self.key_pos[:length]
-        if pos.numel() == 1:
-            kv.key_mask.index_fill_(1, pos, True)
-        else:
-            kv.key_mask.scatter_(1, pos[:, None], True)
-        allowed = kv.key_mask[:, :length] & (key_pos <= pos[:, None])    # (batch, length)
-        mask_bias = additive_mask(allowed, self.dtype)[:, None, None, :]    # (batch, 1, 1, length)
+        self_bias, cross_bias = self._biases(cache, kv, pos, length)
         if self.is_t5:
             x = model.input_embedding(ids).to(self.dtype)
-            self_bias = model.position_bias_dec(pos[:, None], key_pos).to(self.dtype) + mask_bias
-            cross_bias = additive_mask(cache.encoder_mask, self.dtype)[:, None, None, :]
             ff = None
             for i, block in enumerate(self.layers):
                 layer_kv = StaticLayerKV(kv.k[i], kv.v[i], pos, length)
@@ -192,9 +190,30 @@ class GraphedDecoder:
         # GPT: a row's position is the number of real tokens it has seen
         x = model.token_embedding(ids) + model.position_embedding(kv.n_valid[:, None])
         for i, block in enumerate(self.layers):
-            x = block(x, mask_bias, StaticLayerKV(kv.k[i], kv.v[i], pos, length))
+            x = block(x, self_bias, StaticLayerKV(kv.k[i], kv.v[i], pos, length))
         kv.n_valid += 1
         return model.lm_head(model.layernorm(x))
+
+    def _biases(self, cache, kv, pos: torch.Tensor, length: int):
+        """The step's self-attention bias (T5: position bias plus mask, (batch, heads, 1, length); GPT: the
+        mask, (batch, 1, 1, length)) and T5's cross-attention mask (batch, 1, 1, source), with the step's
+        key marked in the cache's key mask. On CUDA one kernel (``triton_attention.step_biases``), the
+        same numbers as the torch ops here (CPM-2's step ran some twenty small kernels for them)."""
+        encoder_mask = cache.encoder_mask if self.is_t5 else None
+        if self.fused_biases:
+            position = (self.model.position_bias_dec.weight, self.bucket_of_distance) if self.is_t5 else None
+            return triton_attention.step_biases(kv.key_mask, pos, length, self.dtype, position, encoder_mask)
+        key_pos = self.key_pos[:length]
+        if pos.numel() == 1:
+            kv.key_mask.index_fill_(1, pos, True)
+        else:
+            kv.key_mask.scatter_(1, pos[:, None], True)
+        allowed = kv.key_mask[:, :length] & (key_pos <= pos[:, None])    # (batch, length)
+        mask_bias = additive_mask(allowed, self.dtype)[:, None, None, :]    # (batch, 1, 1, length)
+        if not self.is_t5:
+            return mask_bias, None
+        self_bias = self.model.position_bias_dec(pos[:, None], key_pos).to(self.dtype) + mask_bias
+        return self_bias, additive_mask(encoder_mask, self.dtype)[:, None, None, :]
 
     def _step_state(self):
         """A function that puts back the cache's key mask and counts as they are now: what ``_step``

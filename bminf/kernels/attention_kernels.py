@@ -124,3 +124,35 @@ def combine(part_ptr, o_ptr, SPLITS, D: tl.constexpr, PDL: tl.constexpr, BLOCK_S
     acc = tl.load(part[:, None] + rd[None, :], mask=s_ok[:, None] & (rd < D)[None, :], other=0.0)
     out = tl.sum(w[:, None] * acc, axis=0) / total
     tl.store(o_ptr + pid * D + rd, out.to(o_ptr.dtype.element_ty), mask=rd < D)
+
+
+@triton.jit
+def step_biases(mask_ptr, pos_ptr, bucket_ptr, w_ptr, enc_ptr, self_ptr, cross_ptr, L, S, H, NB, sm_b, sp_b, se_b,
+                low, POSITION: tl.constexpr, CROSS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr):
+    # Program (b, i): row b at step position p = pos[b * sp_b], keys [i * BLOCK_L, ...). Key j is allowed
+    # where the mask (B, >= L; uint8) marks it or j = p, and j <= p; program (b, 0) marks p. self (B, H, 1, L):
+    # w[h, bucket[p - j]] (POSITION; else H is 1 and the term 0) + (0 where allowed, else low), added in fp32
+    # and rounded once, as torch adds fp16 tensors. cross (B, 1, 1, S) (CROSS): 0 where enc (B, S) marks
+    # the source token, else low.
+    b, i = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    p = tl.load(pos_ptr + b * sp_b).to(tl.int32)
+    rj = i * BLOCK_L + tl.arange(0, BLOCK_L)
+    if i == 0:
+        tl.store(mask_ptr + b * sm_b + p, 1)
+    ok = rj < L
+    allowed = ((tl.load(mask_ptr + b * sm_b + rj, mask=ok, other=0) != 0) | (rj == p)) & (rj <= p)
+    extra = tl.where(allowed, 0.0, low)
+    if POSITION:
+        rh = tl.arange(0, BLOCK_H)
+        tile = (rh < H)[:, None] & ok[None, :]
+        bucket = tl.load(bucket_ptr + tl.maximum(p - rj, 0), mask=ok, other=0)
+        w = tl.load(w_ptr + rh[:, None] * NB + bucket[None, :], mask=tile, other=0.0).to(tl.float32)
+        out = w + extra[None, :]
+        tl.store(self_ptr + (b * H + rh[:, None]) * L + rj[None, :], out.to(self_ptr.dtype.element_ty), mask=tile)
+    else:
+        tl.store(self_ptr + b * L + rj, extra.to(self_ptr.dtype.element_ty), mask=ok)
+    if CROSS:
+        rs = i * BLOCK_L + tl.arange(0, BLOCK_L)
+        s_ok = rs < S
+        marked = tl.load(enc_ptr + b * se_b + rs, mask=s_ok, other=0) != 0
+        tl.store(cross_ptr + b * S + rs, tl.where(marked, 0.0, low).to(cross_ptr.dtype.element_ty), mask=s_ok)

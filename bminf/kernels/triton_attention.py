@@ -25,7 +25,7 @@ Numerics: scores, softmax and the weighted sum in fp32 from fp16 inputs, the out
 fp16; SDPA's kernels round the probabilities to fp16 before the second product, so results agree to
 fp16 rounding, not bit for bit (checked against PyTorch's formula in the tests).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -154,3 +154,38 @@ def _launch(q, k, v, bias, scale, length, new_k=None, new_v=None, pos=None, bloc
         launch(combine, (rows,), part, out, splits, D=d, BLOCK_S=max(2, next_pow2(splits)), BLOCK_D=block_d,
                num_warps=1, **pdl)
     return out.transpose(1, 2)  # (B, H, 1, D), a view of (B, 1, H, D): merging the heads is free
+
+
+STEP_BIAS_KEYS = 64  # keys per program of step_biases
+
+
+def step_biases(key_mask: torch.Tensor, pos: torch.Tensor, length: int, dtype: torch.dtype,
+                position: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                encoder_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A graphed decode step's attention biases in one kernel, marking the step's key in ``key_mask``
+    (B, >= length) bool; ``pos`` holds one position for every row or one per row. Returns the self-attention
+    bias, T5's (B, H, 1, length) position bias plus mask from ``position`` = (the decoder's bias weight
+    (H, buckets), the bucket of each distance (>= length,) int32), else the mask alone (B, 1, 1, length),
+    and, given ``encoder_mask`` (B, S) bool, the cross-attention mask (B, 1, 1, S), else None. A masked
+    entry holds ``finfo(dtype).min / 2``, as ``layers.additive_mask`` writes it: the same numbers as those
+    torch ops, which took some twenty small kernels."""
+    kernel = _kernels().step_biases
+    batch, dev = key_mask.shape[0], key_mask.device
+    if key_mask.dtype != torch.bool or key_mask.stride(-1) != 1 or key_mask.shape[1] < length:
+        raise ValueError(f"key_mask must be (batch, >= {length}) bool with contiguous rows")
+    if pos.dim() != 1 or pos.numel() not in (1, batch):
+        raise ValueError(f"pos must hold one position or one per row ({batch}), got shape {tuple(pos.shape)}")
+    heads = 1 if position is None else position[0].shape[0]
+    self_bias = torch.empty(batch, heads, 1, length, dtype=dtype, device=dev)
+    weight, buckets = position if position is not None else (self_bias, pos)  # placeholders when absent
+    mask = key_mask.view(torch.uint8)
+    enc = mask if encoder_mask is None else encoder_mask.view(torch.uint8)
+    source = 0 if encoder_mask is None else encoder_mask.shape[1]
+    cross = None if encoder_mask is None else torch.empty(batch, 1, 1, source, dtype=dtype, device=dev)
+    blocks = -(-max(length, source) // STEP_BIAS_KEYS)
+    launch(kernel, (batch, blocks), mask, pos, buckets, weight.contiguous(), enc, self_bias,
+           self_bias if cross is None else cross, length, source, heads, weight.shape[-1], mask.stride(0),
+           pos.stride(0) if pos.numel() > 1 else 0, enc.stride(0), torch.finfo(dtype).min / 2,
+           POSITION=position is not None, CROSS=encoder_mask is not None,
+           BLOCK_H=max(2, _kernels().triton.next_power_of_2(heads)), BLOCK_L=STEP_BIAS_KEYS)
+    return self_bias, cross
