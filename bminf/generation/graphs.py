@@ -148,11 +148,10 @@ class GraphedDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.key_pos = torch.arange(self.buckets[-1], device=self.device)
         self.fused_biases = self.device.type == "cuda" and available()
-        if self.is_t5:  # the decoder's position bucket of each distance back, for the fused biases
-            bias = model.position_bias_dec
+        if self.is_t5:
+            bias = model.position_bias_dec  # its bucket of each distance back, for the fused biases
             self.bucket_of_distance = relative_position_bucket(self.key_pos, self.key_pos[:1], False, bias.num_buckets,
                                                                bias.max_distance)[:, 0].to(torch.int32)
-        if self.is_t5:
             mask = torch.ones(batch_size, max_source_length, dtype=torch.bool, device=self.device)
             self.cache = model.new_cache(mask, max_length)
         else:
