@@ -10,7 +10,6 @@ and the graph's step time is timed apart.
 """
 import argparse
 import json
-import time
 from collections import defaultdict
 
 import torch
@@ -23,7 +22,7 @@ from bminf.kernels.triton_int8 import always_fused
 if not __package__:  # run as a file: the relative import below needs the package
     raise SystemExit("run it from the repository root as a module: python -m benchmark.profile_decode ...")
 from .common import free, graphed_model, machine
-from .runs import _ids, _ours_runner
+from .runs import _ids, step_ms
 
 
 def main() -> None:
@@ -46,16 +45,7 @@ def main() -> None:
     for graphs in (True, False):
         dec = GraphedDecoder(model, b, max_length, max_source_length=L, use_graphs=graphs)
         with torch.no_grad():
-            logits, step = _ours_runner(dec, kind)(ids, mask)
-            tok = logits[:, -1:].argmax(-1)
-            for _ in range(3):  # capture / compile outside the timed part
-                tok = step(tok)[:, -1:].argmax(-1)
-            torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                tok = step(tok)[:, -1:].argmax(-1)
-            torch.cuda.synchronize(device)
-            ms = 1e3 * (time.perf_counter() - t) / args.steps
+            ms, step, tok = step_ms(dec, kind, ids, mask, args.steps)
             out["graph_step_ms" if graphs else "eager_step_ms"] = ms
             print(f"{'graph' if graphs else 'eager'} step: {ms:.3f} ms", flush=True)
             if graphs:

@@ -154,6 +154,26 @@ def _ours_runner(dec: GraphedDecoder, kind: str):
     return runner
 
 
+
+def step_ms(dec: GraphedDecoder, kind: str, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int = 1):
+    """``(ms, step, token)``: ``dec``'s prompt and three untimed steps (graphs captured, kernels compiled),
+    then ``steps`` greedy decode steps timed ``repeats`` times, the best ms per step; ``step`` and the
+    last ``token`` continue from there. Call it under ``torch.no_grad()``."""
+    logits, step = _ours_runner(dec, kind)(ids, mask)
+    tok = logits[:, -1:].argmax(-1)
+    for _ in range(3):
+        tok = step(tok)[:, -1:].argmax(-1)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(ids.device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = step(tok)[:, -1:].argmax(-1)
+        sync(ids.device)
+        best = min(best, 1e3 * (time.perf_counter() - t) / steps)
+    return best, step, tok
+
+
 def _eager_runner(model: nn.Module, kind: str, max_length: int):
     if kind == "gpt":
         def runner(ids, mask):

@@ -27,7 +27,7 @@ from bminf.kernels import triton_gemv
 if not __package__:  # run as a file: the relative import below needs the package
     raise SystemExit("run it from the repository root as a module: python -m benchmark.tune_step ...")
 from .common import free, graphed_model, machine
-from .runs import _ids, _ours_runner
+from .runs import _ids, step_ms
 
 Tiles = Tuple[int, int, int]  # BLOCK_N, BLOCK_K, num_warps
 
@@ -85,32 +85,21 @@ def main() -> None:
             used.add((n, k, weights))
         return config_of(m, n, k, dev, weights)
 
-    def step_ms() -> float:
+    def timed() -> float:
         # a new decoder, so the graphs are captured with the tiles now in the table
         dec = GraphedDecoder(model, 1, max_length, max_source_length=args.input_length, use_graphs=True)
         with torch.no_grad():
-            logits, step = _ours_runner(dec, kind)(ids, mask)
-            tok = logits[:, -1:].argmax(-1)
-            for _ in range(3):
-                tok = step(tok)[:, -1:].argmax(-1)
-            best = float("inf")
-            for _ in range(3):
-                torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    tok = step(tok)[:, -1:].argmax(-1)
-                torch.cuda.synchronize(device)
-                best = min(best, 1e3 * (time.perf_counter() - t) / args.steps)
+            ms = step_ms(dec, kind, ids, mask, args.steps, repeats=3)[0]
         del dec
         free()
-        return best
+        return ms
 
     table = triton_gemv._table()  # the dict config() reads: an entry set here tiles the next capture
     saved = dict(table)
     out = {"machine": machine(device), "preset": args.preset, "tiny": args.tiny, "shapes": {}}
     try:
         triton_gemv.config = recording
-        first = step_ms()
+        first = timed()
         triton_gemv.config = config_of
         start = {_key(*s): config_of(1, s[0], s[1], device, s[2])[1:4] for s in sorted(used)}
         print(f"{args.preset}: step {first:.4f} ms with the table's tiles {table_json(start)}", flush=True)
@@ -121,7 +110,7 @@ def main() -> None:
                 if time.perf_counter() - began > args.budget:
                     break
                 table[key] = (*tiles, 1)
-                tried[str(tiles)] = ms = step_ms()
+                tried[str(tiles)] = ms = timed()
                 print(f"  {'x'.join(map(str, key))} {tiles}: {ms:.4f} ms", flush=True)
                 if ms < best_ms * (1 - args.keep):
                     best_ms, chosen[key] = ms, tiles
@@ -130,9 +119,9 @@ def main() -> None:
         pairs = []
         for _ in range(2):
             table.update({key: (*t, 1) for key, t in start.items()})
-            before = step_ms()
+            before = timed()
             table.update({key: (*t, 1) for key, t in chosen.items()})
-            pairs.append((before, step_ms()))
+            pairs.append((before, timed()))
     finally:
         triton_gemv.config = config_of
         table.clear()
