@@ -191,9 +191,6 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
     x2 = _rows(x, k)
     m = x2.shape[0]
     gated = epilogue == GATED
-    block_m, block_n, block_k, warps, stages = config(m, n, k, x.device, 2 if gated else 1)
-    if tiles is not None:
-        block_n, block_k, warps, stages = _four(tiles, "tiles")
     outs = [torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in weights[:1 if gated else None]]
     has_bias = biases[0] is not None
     if epilogue == PLAIN and len(weights) == 1 and not has_bias and tiles is None and widen_by_permute():
@@ -201,6 +198,9 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
         if tile is not None:
             gluon_gemv.int8_gemv(x2, weights[0], scales[0].contiguous(), outs[0], tile)
             return [outs[0].reshape(*x.shape[:-1], n)]
+    block_m, block_n, block_k, warps, stages = config(m, n, k, x.device, 2 if gated else 1)
+    if tiles is not None:
+        block_n, block_k, warps, stages = _four(tiles, "tiles")
     s = [t.contiguous() for t in scales]
     b = [t.to(x.dtype).contiguous() for t in biases] if has_bias else s  # placeholders when absent
     r = x2 if residual is None else residual.reshape(m, n).contiguous()
