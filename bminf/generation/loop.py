@@ -1,9 +1,18 @@
 """The one generation loop every model shares: prefill, then one token a step on a preallocated cache.
 
 A *runner* hides the backbone: ``start()`` runs the prompt and returns the logits of the first new
-token, ``step(tokens)`` feeds one token per row and returns the next logits. A *row* (see
-``bminf.generation.rows``) turns its row's tokens into text and says when it is done. The loop itself
-only samples, counts tokens for the penalties, and stops when every row is done.
+token, ``step(tokens)`` feeds one token per row and returns the next logits, ``can_step()`` says whether
+the cache holds one more token. A *row* (see ``bminf.generation.rows``) turns its row's tokens into text
+and says when it is done. The loop itself only samples, counts tokens for the penalties, and stops when
+every row is done.
+
+On CUDA the loop runs one step ahead: the sampled tokens go to the next step on the device before the
+host reads them, so that the host's work on a token (text, stop rules, the caller's own code between
+two tokens) overlaps the GPU's next step instead of leaving the GPU idle. The price is one step whose
+logits go unused when a stop id has just ended the last row (``max_tokens`` is known ahead: no step
+then). Through the model classes on an H200, 128 greedy tokens with the prompt (h200_run99.log): CPM-1
+786 tokens/s against 760 waiting for each token, EVA 1065 against 952, CPM-2's ``fill_blank`` 496
+against 481.
 
 >>> runner = GPTRunner(model, [[5, 6, 7]], max_new_tokens=8)        # doctest: +SKIP
 >>> for events in decode(runner, rows, SamplingParams(temperature=0)):  # doctest: +SKIP
@@ -61,6 +70,9 @@ class GPTRunner:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens.to(self.device)[:, None], cache=self.cache)[:, -1]
 
+    def can_step(self) -> bool:
+        return self.cache.length < self.cache.max_length
+
 
 class T5Runner:
     """Encoder-decoder (CPM-2, EVA): encode once, then decode from a decoder prefix shared by every row.
@@ -82,6 +94,9 @@ class T5Runner:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.decode(tokens.to(self.device)[:, None], cache=self.cache)[:, -1]
 
+    def can_step(self) -> bool:
+        return self.cache.self_kv.length < self.cache.self_kv.max_length
+
 
 def _generator(seed: Optional[int], device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
@@ -89,35 +104,70 @@ def _generator(seed: Optional[int], device: torch.device) -> torch.Generator:
     return gen
 
 
+class _Fetch:
+    """The tokens of each step on the host. On CUDA their copy goes to pinned memory behind an event,
+    so that reading them waits for the sampling kernels only, not for a step launched after them."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(rows, dtype=torch.long, pin_memory=self.cuda)
+        self.copied = torch.cuda.Event() if self.cuda else None
+
+    def start(self, tokens: torch.Tensor) -> None:
+        self.host.copy_(tokens, non_blocking=self.cuda)
+        if self.cuda:
+            self.copied.record()
+
+    def values(self) -> List[int]:
+        if self.cuda:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
 def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequence[int]], vocab_size: int,
-           no_penalty: Sequence[int] = (), filtered: Sequence[int] = ()) -> Iterator[List[Tuple[int, str]]]:
+           no_penalty: Sequence[int] = (), filtered: Sequence[int] = (),
+           run_ahead: Optional[bool] = None) -> Iterator[List[Tuple[int, str]]]:
     """Generate until every row is done; yield, after each step, the ``(row index, output)`` pairs for
     the rows whose ``push`` returned something (a text piece; an empty list when no row did).
 
-    ``rows[i]`` has ``done``, ``banned()`` (ids it may not take next, or None) and ``push(token)``.
+    ``rows[i]`` has ``done``, ``banned()`` (ids it may not take next, or None), ``push(token)`` and
+    ``ends_with_next()`` (whether the next push ends it, whatever the token).
     ``prompts`` are counted for the penalties (``no_penalty`` ids never are); ``filtered`` ids are never
     sampled. Every row gets its own generator seeded with ``params.seed``, so a row's tokens are the
-    ones it would get alone.
+    ones it would get alone. ``run_ahead`` (default: on CUDA) launches each step before the host reads
+    the tokens it takes (see the module doc); the tokens are the same either way.
     """
     if all(row.done for row in rows):
         return
     with torch.inference_mode():
         logits = runner.start()
         device = logits.device
+        if run_ahead is None:
+            run_ahead = device.type == "cuda"
         penalized = params.frequency_penalty != 0 or params.presence_penalty != 0
         counts = count_ids(prompts, vocab_size, no_penalty, device) if penalized else None
         exempt = set(no_penalty)
         device_ban = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # what every step bans
         device_ban[list(filtered)] = True
         generators = None if params.greedy else [_generator(params.seed, device) for _ in rows]
+        fetch = _Fetch(len(rows), device)
+        row_bans = None, None  # the rows' own bans and their (batch, vocab) mask, kept while they stay
         while True:
-            extras = [row.banned() or () for row in rows]
+            extras = [tuple(row.banned() or ()) for row in rows]
             ban = device_ban
-            if any(extras):  # rows with bans of their own (fill_blank): (batch, vocab)
-                ban = ban_ids(device_ban[None].repeat(len(rows), 1), extras)
+            if any(extras):  # rows with bans of their own (fill_blank's, which change when a blank closes)
+                if row_bans[0] != extras:
+                    row_bans = extras, ban_ids(device_ban[None].repeat(len(rows), 1), extras)
+                ban = row_bans[1]
             tokens = sample(logits, params, counts, ban, generators)
+            fetch.start(tokens)
+            # the next step needs only the device's tokens; the penalties' counts, updated below, are
+            # read by the next sample, which the stream orders after both. Not when this token ends every
+            # row whatever it is (max_tokens), nor past the cache.
+            needed = not all(row.done or row.ends_with_next() for row in rows)
+            ahead = runner.step(tokens) if run_ahead and needed and runner.can_step() else None
             events = []
-            for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            for i, (row, token) in enumerate(zip(rows, fetch.values())):
                 if row.done:
                     continue
                 out = row.push(token)
@@ -128,4 +178,4 @@ def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequenc
             yield events
             if all(row.done for row in rows):
                 return
-            logits = runner.step(tokens)
+            logits = ahead if ahead is not None else runner.step(tokens)

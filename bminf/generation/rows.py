@@ -33,6 +33,10 @@ class TextRow:
     def banned(self) -> Optional[List[int]]:
         return None
 
+    def ends_with_next(self) -> bool:
+        # a stop id ends the row, and any other token is its last text token
+        return self.steps + 1 >= self.max_tokens
+
     def push(self, token: int) -> str:
         if token in self.stop_ids:
             self.stopped = self.done = True
@@ -72,6 +76,9 @@ class BlankRow:
         # every sentinel but the one that closes the open blank: blanks come back complete and in order
         allowed = self.sentinels[len(self.texts)]
         return [s for s in self.sentinels if s != allowed]
+
+    def ends_with_next(self) -> bool:
+        return self.steps + 1 >= self.max_tokens  # every push counts a step
 
     def push(self, token: int) -> Optional[Tuple[int, str]]:
         self.steps += 1

@@ -103,7 +103,9 @@ def ban_ids(ban: torch.Tensor, per_row: Sequence[Sequence[int]]) -> torch.Tensor
     """
     at = [(i, token) for i, ids in enumerate(per_row) for token in ids]
     if at:
-        at = torch.tensor(at, device=ban.device)
+        at = torch.tensor(at)
+        if ban.is_cuda:  # from pinned memory without waiting: a plain copy would wait for the step before
+            at = at.pin_memory().to(ban.device, non_blocking=True)
         ban[at[:, 0], at[:, 1]] = True
     return ban
 
