@@ -160,6 +160,67 @@ def test_cuda_graph_steps_match_eager_on_gpu(kind):
 
 
 @pytest.mark.gpu
+def test_t5_first_step_replays_a_graph_per_prefix_length_with_eager_numbers_on_gpu():
+    # the first step (cross-attention keys/values of every layer, then the prefix) from a graph, against
+    # the same decoder's eager first step (use_graphs=False: the same kernels, unfused) bit for bit
+    torch.manual_seed(0)
+    model = quantize_(tiny_t5()).cuda().half()
+    dec = GraphedDecoder(model, batch_size=2, max_length=16, max_source_length=32, buckets=[16])
+    ref = GraphedDecoder(model, batch_size=2, max_length=16, max_source_length=32, use_graphs=False)
+    for n, prefix in ((9, 3), (20, 3), (12, 1)):  # the second prompt replays the first one's graph
+        src = torch.randint(0, model.config.vocab_size, (2, n), device="cuda")
+        mask = torch.ones_like(src, dtype=torch.bool)
+        mask[1, n // 2:] = False
+        start = torch.randint(0, model.config.vocab_size, (2, prefix), device="cuda")
+        enc = dec.encode(src, mask)
+        runs = []
+        for d in (dec, ref):
+            cache = d.new_cache(mask)
+            with torch.no_grad():
+                logits = [d.decode(start, enc, cache=cache)]
+                assert cache.length == prefix and all(cache.cross.filled)
+                for _ in range(4):
+                    logits.append(d.decode(logits[-1][:, -1].argmax(-1)[:, None], cache=cache))
+            runs.append(logits)
+        assert torch.equal(runs[0][0], runs[1][0])
+        for a, b in zip(runs[0][1:], runs[1][1:]):
+            assert torch.equal(a.argmax(-1), b.argmax(-1)) and rel_err(a.float(), b.float()) < 1e-2
+    assert sorted(dec.prompts) == [("t5", 1), ("t5", 3)] and not ref.prompts
+    with pytest.raises(ValueError, match="decoder_input_ids"):  # checked before any replay
+        dec.decode(torch.full((2, 3), model.config.vocab_size, device="cuda"), enc, cache=dec.new_cache(mask))
+
+
+@pytest.mark.gpu
+def test_gpt_prefill_replays_a_graph_per_width_with_eager_numbers_on_gpu():
+    torch.manual_seed(0)
+    model = quantize_(tiny_gpt()).cuda().half()
+    dec = GraphedDecoder(model, batch_size=2, max_length=40, buckets=[16, 40])
+    ref = GraphedDecoder(model, batch_size=2, max_length=40, use_graphs=False)
+    # prompts are padded to a power of two from 8 when the cache keeps the room asked for, with graphs only
+    assert (dec.prompt_width(5, 20), dec.prompt_width(9, 20), dec.prompt_width(9, 30), ref.prompt_width(5, 20)) == \
+        (8, 16, 9, 5)
+    for n in (6, 8, 6):  # the third prompt replays the first one's graph
+        ids = torch.randint(0, model.config.vocab_size, (2, n), device="cuda")
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        mask[1, :2] = False  # a left-padded row
+        runs = []
+        for d in (dec, ref):
+            cache = d.new_cache()
+            with torch.no_grad():
+                logits = [d(ids, attention_mask=mask, cache=cache)]
+                assert cache.length == n
+                for _ in range(4):
+                    logits.append(d(logits[-1][:, -1].argmax(-1)[:, None], cache=cache))
+            runs.append(logits)
+        assert torch.equal(runs[0][0], runs[1][0])
+        for a, b in zip(runs[0][1:], runs[1][1:]):
+            assert torch.equal(a.argmax(-1), b.argmax(-1)) and rel_err(a.float(), b.float()) < 1e-2
+    assert sorted(dec.prompts) == [("gpt", 6), ("gpt", 8)] and not ref.prompts
+    with pytest.raises(ValueError, match="input_ids"):  # checked before any replay
+        dec(torch.full((2, 3), model.config.vocab_size, device="cuda"), cache=dec.new_cache())
+
+
+@pytest.mark.gpu
 def test_the_prompts_call_compiles_the_kernels_of_every_bucket():
     # each bucket's graph attends with a kernel variant of its own; compiled ahead with the prompt's
     # kernels (compile_ahead), none is left for the captures of the later buckets

@@ -28,9 +28,18 @@ from .sampling import SamplingParams, ban_ids, count_ids, sample
 __all__ = ["GPTRunner", "T5Runner", "decode", "pad_rows"]
 
 
-def pad_rows(rows: Sequence[Sequence[int]], left: bool, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), both (batch, longest): rows padded with id 0 on the left or the right."""
-    width = max(len(r) for r in rows)
+def pad_rows(rows: Sequence[Sequence[int]], left: bool, device,
+             width: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (batch, width; default the longest row): rows padded with id 0 on the left or
+    the right.
+
+    >>> pad_rows([[5, 6], [7]], left=True, device="cpu", width=3)[0].tolist()
+    [[0, 5, 6], [0, 0, 7]]
+    """
+    longest = max(len(r) for r in rows)
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"width {width} is narrower than the longest row ({longest} ids)")
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, r in enumerate(rows):
@@ -54,13 +63,17 @@ class GPTRunner:
     """Decoder-only (CPM-1): the prompts left-padded so that every row's next token lands in one column.
 
     ``graphed``: a ``GraphedDecoder`` of the model for this batch size (one-token steps replayed from
-    CUDA graphs, into its own cache), or None to run the model eagerly.
+    CUDA graphs, into its own cache), or None to run the model eagerly. With graphs, the prompts are
+    padded to one of a few widths (``GraphedDecoder.prompt_width``), each with a prefill graph of its
+    own; positions count real tokens, so padding leaves a row's logits as they were, up to rounding.
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, graphed=None):
         self.model = graphed or model
         self.device = home_device(model)
-        self.ids, self.mask = pad_rows(prompts, left=True, device=self.device)
+        longest = max(len(p) for p in prompts)
+        width = graphed.prompt_width(longest, max_new_tokens) if graphed else longest
+        self.ids, self.mask = pad_rows(prompts, left=True, device=self.device, width=width)
         self.cache = graphed.new_cache() if graphed else model.new_cache(len(prompts),
                                                                          self.ids.shape[1] + max_new_tokens)
 
