@@ -2,12 +2,17 @@
 
 Each model is written in BMInf's released layout (``checkpoint.pt`` + a ``vocab.txt`` of the real
 size), loaded the way users load it (``bminf.models.CPM2(version=DIR, memory_limit=...)``), and asked
-for tokens; the script prints load time, decode tokens/s and peak GPU memory against the budget.
+for tokens; the script prints load time, decode tokens/s and peak GPU memory against the budget,
+the time to the first token (the prompt pass and one token: the best of three calls) and the rate
+after it. ``--compare-waiting`` times the call again with the decode loop waiting for each token on
+the host before it launches the next step (the releases before; see ``bminf.generation.loop``).
 The weights are random, so the text is noise: this checks sizes, memory and speed, not quality.
 
     python benchmark/models.py --models cpm1 eva cpm2 --cpm2-memory-limit 6GiB --json out.json
 """
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -21,6 +26,7 @@ from bminf.checkpoint import save_model
 from bminf.demo import path as demo_path
 from bminf.units import parse_size
 from bminf.generation import loop
+from bminf.models import pretrained
 from common import build_ours
 
 _steps = [0]
@@ -62,7 +68,28 @@ def make_checkpoint(kind: str, directory: str, device: torch.device) -> int:
     return os.path.getsize(path)
 
 
-def run(kind: str, root: str, device: torch.device, limit, tokens: int) -> dict:
+def timed(kind: str, model, tokens: int, device: torch.device):
+    """(seconds, tokens generated) of one greedy task call of ``tokens`` tokens."""
+    torch.cuda.synchronize(device)
+    _steps[0] = 0
+    start = time.perf_counter()
+    TASKS[kind](model, tokens)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - start, _steps[0]
+
+
+@contextlib.contextmanager
+def _waiting():
+    # the model classes call pretrained.decode; run_ahead=False is the loop of the releases before
+    plain = pretrained.decode
+    pretrained.decode = functools.partial(plain, run_ahead=False)
+    try:
+        yield
+    finally:
+        pretrained.decode = plain
+
+
+def run(kind: str, root: str, device: torch.device, limit, tokens: int, compare_waiting: bool = False) -> dict:
     directory = os.path.join(root, kind)
     start = time.perf_counter()
     size = make_checkpoint(kind, directory, device)
@@ -75,21 +102,31 @@ def run(kind: str, root: str, device: torch.device, limit, tokens: int) -> dict:
     first = time.perf_counter()
     TASKS[kind](model, 4)  # warm-up: first kernel launches, jieba
     first = time.perf_counter() - first
-    torch.cuda.synchronize(device)
-    _steps[0] = 0
-    start = time.perf_counter()
+    # untimed: a call of the timed size, which makes (and keeps) a decoder of its length and its graphs, as a
+    # user's earlier call of that size would have
     TASKS[kind](model, tokens)
-    torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
+    first_token = min(timed(kind, model, 1, device)[0] for _ in range(3))  # the prompt pass and one token
+    ahead, waiting = [], []
+    for _ in range(2 if compare_waiting else 1):  # alternated, the best of each
+        ahead.append(timed(kind, model, tokens, device))
+        if compare_waiting:  # the loop waiting for each token on the host before the next step
+            with _waiting():
+                waiting.append(timed(kind, model, tokens, device))
+    elapsed, steps = min(ahead)
     peak = torch.cuda.max_memory_allocated(device)
     row = dict(model=kind, checkpoint_bytes=size, write_s=round(written, 1), load_s=round(loaded, 1),
-               first_call_s=round(first, 2), decode_s=round(elapsed, 3), tokens=_steps[0],
-               tokens_per_s=round(_steps[0] / elapsed, 1),
+               first_call_s=round(first, 2), first_token_s=round(first_token, 4), decode_s=round(elapsed, 3),
+               tokens=steps, tokens_per_s=round(steps / elapsed, 1),
+               after_first_tokens_per_s=round((steps - 1) / (elapsed - first_token), 1),
                peak_gib=round(peak / 2**30, 3), memory_limit_gib=None if limit is None else round(limit / 2**30, 3),
                under_limit=None if limit is None else peak <= limit,
                streamed_blocks=[len(getattr(lst, "streamed_blocks", [])) for lst in
                                 (getattr(model.backbone, n, None) for n in ("layers", "enc_layers", "dec_layers"))
                                 if lst is not None])
+    if compare_waiting:
+        waited, waited_steps = min(waiting)
+        row.update(waiting_decode_s=round(waited, 3), waiting_tokens=waited_steps,
+                   waiting_tokens_per_s=round(waited_steps / waited, 1))
     print(json.dumps(row, ensure_ascii=False), flush=True)
     del model
     gc.collect()
@@ -105,6 +142,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of the timed call (greedy)")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--compare-waiting", action="store_true",
+                        help="also time the call with the loop not running a step ahead (the releases before)")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
@@ -113,7 +152,7 @@ def main() -> None:
         for kind in args.models:
             resident = kind != "cpm2" or args.cpm2_memory_limit.lower() == "none"
             limit = None if resident else parse_size(args.cpm2_memory_limit)
-            rows.append(run(kind, root, device, limit, args.tokens))
+            rows.append(run(kind, root, device, limit, args.tokens, args.compare_waiting))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__, rows=rows), f, indent=1)
