@@ -31,6 +31,7 @@ class ScriptedRunner:
 
     def step(self, tokens):
         assert self.can_step(), "stepped past the cache"
+        assert int(tokens.min()) >= 0, "a step was given an id of -1"
         self.log.append(("step", int(tokens[0])))
         self.steps += 1
         return self._logits()
@@ -111,3 +112,21 @@ def test_the_runners_take_the_same_tokens_ahead_and_stay_inside_their_cache(arch
     # max_tokens ended the last row: no step ahead after its last token (the cache holds one more)
     length = lambda r: (r.cache.self_kv if arch == "t5" else r.cache).length  # noqa: E731
     assert length(runner) == length(waiting_runner) and runner.can_step()
+
+
+@pytest.mark.parametrize("run_ahead", [False, True])
+def test_a_row_with_nothing_to_sample_raises_once_its_token_reaches_the_host(run_ahead):
+    class NaNRunner(ScriptedRunner):
+        def _logits(self):
+            logits = super()._logits()
+            if self.steps == 1:
+                logits[0] = float("nan")
+            return logits
+
+    log = []
+    row = LoggedRow(log, stop_ids=(), max_tokens=5)
+    runner = NaNRunner([3, 4, 5, 6, 7], 64, log)
+    with pytest.raises(RuntimeError, match="no token can be sampled"):
+        for _ in decode(runner, [row], SamplingParams(temperature=1.0, seed=0), [[1]], VOCAB, run_ahead=run_ahead):
+            pass
+    assert len(row.text) == 1  # the first token; the second was never pushed

@@ -23,7 +23,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .sampling import SamplingParams, ban_ids, count_ids, sample
+from .sampling import NO_TOKEN, SamplingParams, ban_ids, count_ids, draw
 
 __all__ = ["GPTRunner", "T5Runner", "decode", "pad_rows"]
 
@@ -172,15 +172,20 @@ def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequenc
                 if row_bans[0] != extras:
                     row_bans = extras, ban_ids(device_ban[None].repeat(len(rows), 1), extras)
                 ban = row_bans[1]
-            tokens = sample(logits, params, counts, ban, generators)
+            tokens = draw(logits, params, counts, ban, generators)  # -1: nothing to sample, checked below
             fetch.start(tokens)
+            if not params.greedy:
+                tokens = tokens.clamp(min=0)  # a step never looks up -1 (on CUDA a device-side assert)
             # the next step needs only the device's tokens; the penalties' counts, updated below, are
             # read by the next sample, which the stream orders after both. Not when this token ends every
             # row whatever it is (max_tokens), nor past the cache.
             needed = not all(row.done or row.ends_with_next() for row in rows)
             ahead = runner.step(tokens) if run_ahead and needed and runner.can_step() else None
+            values = fetch.values()
+            if min(values) < 0:
+                raise RuntimeError(NO_TOKEN)
             events = []
-            for i, (row, token) in enumerate(zip(rows, fetch.values())):
+            for i, (row, token) in enumerate(zip(rows, values)):
                 if row.done:
                     continue
                 out = row.push(token)

@@ -24,8 +24,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["SamplingParams", "penalize", "keep_top_n", "keep_top_p", "scores", "distribution", "sample", "count_ids",
-           "ban_ids"]
+__all__ = ["SamplingParams", "penalize", "keep_top_n", "keep_top_p", "scores", "distribution", "sample", "draw",
+           "count_ids", "ban_ids"]
 
 
 @dataclass
@@ -185,6 +185,10 @@ def distribution(z: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+NO_TOKEN = ("no token can be sampled: the probabilities hold a NaN or inf, or are all zero (every token "
+            "filtered?)")
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.Tensor] = None,
            filtered: Optional[torch.Tensor] = None, generators: Optional[List[torch.Generator]] = None,
            ) -> torch.Tensor:
@@ -192,21 +196,36 @@ def sample(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.
 
     ``counts`` (batch, vocab) feeds the penalties; ``filtered`` is a (vocab,) or (batch, vocab) bool
     mask of ids never to produce; ``generators`` gives one generator per row (on the logits' device).
+    A RuntimeError says when a row has nothing to sample from.
 
     >>> sample(torch.tensor([[0.0, 3.0, 1.0]]), SamplingParams(temperature=0)).tolist()
     [1]
+    """
+    tokens = draw(logits, params, counts, filtered, generators)
+    if not params.greedy and bool((tokens < 0).any()):  # one host sync
+        raise RuntimeError(NO_TOKEN)
+    return tokens
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.Tensor] = None,
+         filtered: Optional[torch.Tensor] = None, generators: Optional[List[torch.Generator]] = None,
+         ) -> torch.Tensor:
+    """``sample`` without waiting for the device: a row with nothing to sample from (a NaN or inf in its
+    probabilities, or all of them zero) gets -1, which the caller checks once it reads the tokens (the
+    decode loop and the server do, after launching the next step with those rows at 0).
+
+    >>> draw(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), SamplingParams(temperature=1, seed=0)).tolist()[1]
+    -1
     """
     z = scores(logits, params, counts, filtered)
     if params.greedy:
         return z.argmax(-1)
     probs = distribution(z, params)
+    ok = ((probs >= 0) & (probs < float("inf"))).all(-1) & (probs.sum(-1) > 0)
     # torch.multinomial draws one sample as argmax(p / q), q ~ Exp(1) from the generator, but checks its
     # input with two host syncs per call. The same draw here, each row's q from the row's own generator
-    # (a row's draws do not depend on the others), and one check for all rows.
-    if not bool(((probs >= 0) & (probs < float("inf"))).all() & (probs.sum(-1) > 0).all()):  # one sync
-        raise RuntimeError("no token can be sampled: the probabilities hold a NaN or inf, or are all zero "
-                           "(every token filtered?)")
+    # (a row's draws do not depend on the others)
     q = torch.empty_like(probs)
     for row in range(q.shape[0]):
         q[row].exponential_(generator=generators[row] if generators is not None else None)
-    return (probs / q).argmax(-1)
+    return torch.where(ok, (probs / q).argmax(-1), -1)
