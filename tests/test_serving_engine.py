@@ -184,6 +184,36 @@ def test_cancelled_job_leaves_at_once_and_others_continue(cpm1, slots):
     assert list(outputs.queue) == ["output"] * 3  # no "done" for a cancelled job
 
 
+def test_fixed_slots_launch_each_step_before_the_tokens_reach_the_host(cpm1, slots):
+    # a row that ends itself (as a stop id would) after three tokens: the slots launched the step after
+    # its third token before the host saw it (its logits unused), the gathered batch did not
+    class ThreeTokens:
+        done = stopped = False
+
+        def __init__(self):
+            self.n = 0
+
+        def banned(self):
+            return None
+
+        def push(self, token):
+            self.n += 1
+            self.done = self.n >= 3
+            return str(token)
+
+    engine = Engine(cpm1.backbone, max_batch=4, slots=slots)
+    finished = threading.Event()
+    job = Job(cpm1.tokenizer.encode("北京"), None, ThreeTokens(), SamplingParams(max_tokens=200, temperature=0),
+              cpm1.tokenizer.vocab_size, sink=lambda kind, value: kind == "done" and finished.set())
+    engine.submit(job)
+    engine.start()
+    try:
+        assert finished.wait(60)
+        assert job.produced == 3 and engine.steps == (3 if slots else 2)
+    finally:
+        engine.stop()
+
+
 def test_failed_prefill_fails_only_its_jobs(cpm1, slots):
     engine = Engine(cpm1.backbone, slots=slots).start()
     try:

@@ -26,8 +26,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..generation import SamplingParams, ban_ids, count_ids, sample
+from ..generation import SamplingParams, ban_ids, count_ids
+from ..generation.sampling import NO_TOKEN, draw
 from ..generation.graphs import _streams_or_splits
+from ..generation.loop import _Fetch
 from ..offload import TransformerBlockList
 from . import batch
 from .slots import SlotDecoder, _power_of_two
@@ -87,6 +89,11 @@ class _Slot:
         self.ban[job.filtered] = True
         p = params
         self.key = (p.temperature, p.top_n, p.top_p, p.frequency_penalty, p.presence_penalty)
+
+
+def _last_token(job: Job) -> bool:
+    """Whether the token sampled now ends ``job`` whatever it is (its count), or it is cancelled."""
+    return job.cancelled or job.row.done or job.produced + 1 >= job.params.max_tokens
 
 
 class Engine:
@@ -307,23 +314,44 @@ class Engine:
         logits = self._logits
         # what each row bans always, and this step only (fill-blank's other sentinels)
         ban = ban_ids(torch.stack([s.ban for s in self._slots]), [s.job.row.banned() or () for s in self._slots])
-        tokens = torch.empty(len(self._slots), dtype=torch.long, device=logits.device)
         groups: Dict[tuple, List[int]] = {}
         for i, s in enumerate(self._slots):
             groups.setdefault(s.key, []).append(i)
+        if len(groups) == 1:  # every row alike (one client, or clients of one setting): no indexing
+            return self._sample_rows(self._slots, logits, ban)
+        tokens = torch.empty(len(self._slots), dtype=torch.long, device=logits.device)
         for rows in groups.values():
-            slots = [self._slots[i] for i in rows]
-            params = slots[0].job.params
-            index = torch.as_tensor(rows, device=logits.device)
-            counts = torch.cat([s.counts for s in slots]) if slots[0].counts is not None else None
-            gens = None if params.greedy else [s.generator for s in slots]
-            tokens[index] = sample(logits[index], params, counts, ban[index], gens)
+            # from pinned memory without waiting: a plain copy would wait for the step before
+            index = torch.tensor(rows).pin_memory().to(logits.device, non_blocking=True) if logits.is_cuda \
+                else torch.tensor(rows)
+            tokens[index] = self._sample_rows([self._slots[i] for i in rows], logits[index], ban[index])
         return tokens
+
+    @staticmethod
+    def _sample_rows(slots: List[_Slot], logits: torch.Tensor, ban: torch.Tensor) -> torch.Tensor:
+        params = slots[0].job.params
+        counts = torch.cat([s.counts for s in slots]) if slots[0].counts is not None else None
+        gens = None if params.greedy else [s.generator for s in slots]
+        return draw(logits, params, counts, ban, gens)  # -1: nothing to sample, checked in _step
 
     def _step(self) -> None:
         tokens = self._sample()
+        fetch = _Fetch(len(tokens), tokens.device)
+        fetch.start(tokens)
+        if not all(s.job.params.greedy for s in self._slots):
+            tokens = tokens.clamp(min=0)  # a step never looks up -1 (on CUDA a device-side assert)
+        # With fixed slots the next step starts before the host reads the tokens (see generation.loop):
+        # pushing text to the rows and their clients overlaps it. Finished rows are stepped too and
+        # dropped after; not when every row ends with this token by its count, nor past the slots.
+        ahead = None
+        if self.fixed_slots and self._fixed.can_step() and not all(_last_token(s.job) for s in self._slots):
+            ahead = self._fixed.step(tokens)
+            self.steps += 1
+        values = fetch.values()
+        if min(values) < 0:
+            raise RuntimeError(NO_TOKEN)  # fails the running jobs (_loop)
         keep = []
-        for i, (slot, token) in enumerate(zip(self._slots, tokens.tolist())):
+        for i, (slot, token) in enumerate(zip(self._slots, values)):
             job = slot.job
             if job.cancelled:
                 continue
@@ -346,7 +374,14 @@ class Engine:
                 return
             if not self.fixed_slots:
                 self._cache = batch.join([(self._cache, keep)], room=max(s.job.remaining for s in self._slots))
-            tokens = tokens[torch.as_tensor(keep, device=tokens.device)]
+            kept = torch.as_tensor(keep, device=tokens.device)
+            if ahead is not None:
+                ahead = ahead[kept]
+            else:
+                tokens = tokens[kept]
+        if ahead is not None:
+            self._logits = ahead
+            return
         if self.fixed_slots:
             self._logits = self._fixed.step(tokens)
         else:

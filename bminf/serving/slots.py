@@ -180,6 +180,10 @@ class SlotDecoder(GraphedDecoder):
         self.lengths, self.sources = [], []
 
     # -- the step ---------------------------------------------------------------------------------
+    def can_step(self) -> bool:
+        """Whether every running row has a column left for one more token."""
+        return bool(self.lengths) and max(self.lengths) < self.max_length
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per running row (rows,); returns their next logits (rows, vocab)."""
         n = self.running
