@@ -30,15 +30,15 @@ from bminf.models import pretrained
 from common import build_ours
 
 _steps = [0]
-_sample = loop.sample
+_draw = loop.draw
 
 
-def _counting_sample(*args, **kwargs):
+def _counting_draw(*args, **kwargs):
     _steps[0] += 1  # one call per generated token of the batch
-    return _sample(*args, **kwargs)
+    return _draw(*args, **kwargs)
 
 
-loop.sample = _counting_sample
+loop.draw = _counting_draw
 
 TASKS = {
     "cpm1": lambda m, n: m.generate("天空是蔚蓝色，窗外有", max_tokens=n, temperature=0),

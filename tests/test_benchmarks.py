@@ -34,6 +34,15 @@ def test_package_benchmarks_run_as_files_say_how_to_run_them(script):
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("script", ["benchmark/models.py", "benchmark/serve.py"])
+def test_file_benchmarks_import_what_they_wrap(script):
+    # models.py wraps the decode loop's sampler at import (serve.py imports it for its checkpoint): a
+    # renamed function breaks them on the GPU machine only, unless this imports them here
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0 and "usage" in out.stdout, out.stderr[-2000:]
+
+
 def test_the_header_says_how_full_tritons_cache_was(tmp_path):
     # a first call's figure depends on it: the header says where the cache is and what it held
     pytest.importorskip("triton")
