@@ -12,6 +12,7 @@ import bminf
 pytest.importorskip("pydantic")  # bminf.serving.protocol's schemas (the `server` and `test` extras)
 from bminf.generation import SamplingParams
 from bminf.layers import CrossKVCache, KVCache
+from bminf.serving import batch
 from bminf.serving.engine import Engine, Job
 from bminf.serving.protocol import ChatRequest, CompletionRequest
 from bminf.serving.tasks import FilledText, chat_tasks, completion_tasks
@@ -60,8 +61,11 @@ class Collector:
         return self.text
 
 
-def run_all(model, requests, max_batch=16, make=completion_tasks, before_start=True, slots=False):
+def run_all(model, requests, max_batch=16, make=completion_tasks, before_start=True, slots=False,
+            graphed_prefill=False):
     engine = Engine(model.backbone, max_batch=max_batch, slots=slots)
+    if graphed_prefill:  # what a resident GPU engine prefills with; its decoders run eagerly on the CPU
+        engine._prefill = batch.GraphedPrefill(model.backbone)
     collectors = [Collector(t) for req in requests for t in make(model, req)]
     if not before_start:
         engine.start()
@@ -104,6 +108,33 @@ def test_batched_rows_equal_rows_alone(cpm2, slots):
     assert got == [alone_cpm2(cpm2, case) for case in CPM2_CASES]
     # they ran as one batch: fewer steps than one after another
     assert engine.steps < sum(c["max_tokens"] for c in CPM2_CASES) - len(CPM2_CASES)
+
+
+def test_graphed_prefill_rows_equal_rows_alone(cpm1, cpm2, eva):
+    # prompts padded to the graphs' widths (GPT on the left, T5's sources to 64), in decoders kept per shape:
+    # the first logits as the eager prefill's (fp32 on the CPU), and every row's text as alone
+    for model, prefixes in ((cpm1, None), (cpm2, [[cpm2.tokenizer.token_to_id("<s_0>")]])):
+        prefills = batch.GraphedPrefill(model.backbone)
+        for prompt in ("北京", "今天天气很好，我们去公园吧"):
+            sources = [model.tokenizer.encode(prompt)]
+            _, eager = batch.prefill(model.backbone, sources, prefixes)
+            _, graphed = prefills(sources, prefixes)
+            assert torch.allclose(graphed, eager, rtol=1e-4, atol=1e-4), (graphed - eager).abs().max()
+        assert len(prefills.decoders) == (2 if model is cpm1 else 1)  # CPM-1: widths 8 and 16; CPM-2: source 64
+    requests = [CompletionRequest(model="cpm2", **case) for case in CPM2_CASES]
+    got, engine = run_all(cpm2, requests, max_batch=2, slots=True, graphed_prefill=True)
+    assert got == [alone_cpm2(cpm2, case) for case in CPM2_CASES]
+    assert engine._prefill.decoders and all(key[2] == 64 for key in engine._prefill.decoders)
+    prompts = ["天空是蔚蓝色，窗外有", "北京", "今天天气很好，我们去公园吧，推荐一本书"]
+    requests = [CompletionRequest(model="cpm1", prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    got, engine = run_all(cpm1, requests, max_batch=2, slots=True, graphed_prefill=True)
+    assert got == [cpm1.generate(p, max_tokens=6, temperature=0)[0] for p in prompts]
+    assert all(width in (8, 16, 32) for _, width in engine._prefill.decoders)
+    contexts = [["你好"], ["推荐一本书"], ["你好", "今天天气很好"]]
+    requests = [ChatRequest(model="eva", messages=[{"role": "user", "content": c} for c in ctx], max_tokens=5,
+                            seed=i) for i, ctx in enumerate(contexts)]
+    got, _ = run_all(eva, requests, max_batch=2, make=chat_tasks, slots=True, graphed_prefill=True)
+    assert got == [eva.dialogue(ctx, max_tokens=5, seed=i)[0] for i, ctx in enumerate(contexts)]
 
 
 @pytest.mark.parametrize("kind", ["cpm1", "cpm2"])

@@ -17,6 +17,7 @@ run eagerly. Both give each row the tokens it gets alone.
 >>> engine = Engine(cpm2.backbone, max_batch=16).start()              # doctest: +SKIP
 >>> engine.submit(Job(source, prefix, row, params, vocab_size, sink=print))  # doctest: +SKIP
 """
+import functools
 import logging
 import queue
 import random
@@ -121,6 +122,9 @@ class Engine:
             raise ValueError("fixed slots need a backbone resident on one device (no memory_limit, one GPU)")
         self.fixed_slots = resident and self.device.type == "cuda" if slots is None else slots
         self._fixed: Optional[SlotDecoder] = None  # the fixed slots, made at the first join
+        # new rows' prompts from CUDA graphs where the slots replay graphs too (see batch.GraphedPrefill)
+        graphed = self.fixed_slots and self.device.type == "cuda"
+        self._prefill = batch.GraphedPrefill(backbone) if graphed else functools.partial(batch.prefill, backbone)
         self._inbox: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._slots: List[_Slot] = []
         self._cache = None
@@ -222,7 +226,7 @@ class Engine:
         for jobs in groups.values():
             prefixes = [j.prefix for j in jobs] if jobs[0].prefix is not None else None
             try:
-                cache, first = batch.prefill(self.backbone, [j.source for j in jobs], prefixes)
+                cache, first = self._prefill([j.source for j in jobs], prefixes)
             except Exception as exc:  # noqa: BLE001 -- these jobs fail; the running batch is untouched
                 _log.exception("prefill of %d new jobs failed", len(jobs))
                 for job in jobs:
