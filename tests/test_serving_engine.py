@@ -180,25 +180,27 @@ def test_max_batch_bounds_the_batch_and_queued_jobs_still_run(eva, slots):
     assert got == [eva.dialogue(ctx, max_tokens=5, seed=i)[0] for i, ctx in enumerate(contexts)]
 
 
+class CountedRow:
+    """A row that ends itself after ``last`` tokens, whatever the weights say (as a stop id would)."""
+    stopped = False
+
+    def __init__(self, last: int):
+        self.n, self.last, self.done = 0, last, False
+
+    def banned(self):
+        return None
+
+    def push(self, token):
+        self.n += 1
+        self.done = self.n >= self.last
+        return str(token)
+
+
 def test_cancelled_job_leaves_at_once_and_others_continue(cpm1, slots):
     engine = Engine(cpm1.backbone, max_batch=4, slots=slots)
 
-    class Endless:  # a row that only max_tokens ends, whatever the weights say
-        done = stopped = False
-
-        def __init__(self):
-            self.n = 0
-
-        def banned(self):
-            return None
-
-        def push(self, token):
-            self.n += 1
-            self.done = self.n >= 200
-            return str(token)
-
     outputs = queue.Queue()
-    job = Job(cpm1.tokenizer.encode("北京"), None, Endless(), SamplingParams(max_tokens=200, temperature=0),
+    job = Job(cpm1.tokenizer.encode("北京"), None, CountedRow(200), SamplingParams(max_tokens=200, temperature=0),
               cpm1.tokenizer.vocab_size, sink=lambda kind, value: (outputs.put(kind), kind == "output" and
                                                                    outputs.qsize() == 3 and job.cancel()))
     other, = completion_tasks(cpm1, CompletionRequest(model="cpm1", prompt="今天", max_tokens=6, temperature=0))
@@ -218,23 +220,9 @@ def test_cancelled_job_leaves_at_once_and_others_continue(cpm1, slots):
 def test_fixed_slots_launch_each_step_before_the_tokens_reach_the_host(cpm1, slots):
     # a row that ends itself (as a stop id would) after three tokens: the slots launched the step after
     # its third token before the host saw it (its logits unused), the gathered batch did not
-    class ThreeTokens:
-        done = stopped = False
-
-        def __init__(self):
-            self.n = 0
-
-        def banned(self):
-            return None
-
-        def push(self, token):
-            self.n += 1
-            self.done = self.n >= 3
-            return str(token)
-
     engine = Engine(cpm1.backbone, max_batch=4, slots=slots)
     finished = threading.Event()
-    job = Job(cpm1.tokenizer.encode("北京"), None, ThreeTokens(), SamplingParams(max_tokens=200, temperature=0),
+    job = Job(cpm1.tokenizer.encode("北京"), None, CountedRow(3), SamplingParams(max_tokens=200, temperature=0),
               cpm1.tokenizer.vocab_size, sink=lambda kind, value: kind == "done" and finished.set())
     engine.submit(job)
     engine.start()

@@ -125,10 +125,11 @@ def _streams_or_splits(layers: nn.Module) -> bool:
 class GraphedDecoder:
     """Replays one-token decode steps of a ``GPT`` or ``T5`` from CUDA graphs (see the module doc).
 
-    GPT: ``cache = dec.new_cache()``, prefill ``dec(ids, attention_mask=mask, cache=cache)`` (eager),
-    steps ``dec(token[:, None], cache=cache)``. T5: ``enc = dec.encode(ids, mask)``,
-    ``cache = dec.new_cache(mask)``, first step ``dec.decode(dec_ids, enc, cache=cache)`` (eager),
-    steps ``dec.decode(token[:, None], cache=cache)``. Logits come back as fresh tensors.
+    GPT: ``cache = dec.new_cache()``, prefill ``dec(ids, attention_mask=mask, cache=cache)``, steps
+    ``dec(token[:, None], cache=cache)``. T5: ``enc = dec.encode(ids, mask)``,
+    ``cache = dec.new_cache(mask)``, first step ``dec.decode(dec_ids, enc, cache=cache)``, steps
+    ``dec.decode(token[:, None], cache=cache)``. A prompt's pass replays a graph of its width (with the
+    eager pass's numbers), a step a graph of its bucket. Logits come back as fresh tensors.
     ``warm_up()`` captures every bucket now (else each is captured on first use) and returns seconds.
     """
 
