@@ -109,6 +109,33 @@ def test_steps_run_for_compiling_leave_the_cache_as_it_was(kind):
     assert not dec.graphs
 
 
+@pytest.mark.parametrize("kind", ["gpt", "t5"])
+def test_the_prompts_captured_pass_starts_from_the_empty_cache_each_call(kind):
+    # a prompt graph records _prefill / _first_step after warm-up calls of it (on a GPU): each call must start
+    # from the empty cache's host state, whatever the call before left, and give the eager pass's logits
+    torch.manual_seed(0)
+    model = (tiny_gpt() if kind == "gpt" else tiny_t5()).eval()
+    dec = GraphedDecoder(model, batch_size=2, max_length=16, max_source_length=8)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        if kind == "gpt":
+            eager = model(ids, attention_mask=mask, cache=model.new_cache(2, 16))
+            run = lambda: dec._prefill(model.token_embedding(ids), mask)  # noqa: E731
+        else:
+            src = torch.randint(0, model.config.vocab_size, (2, 8))
+            enc = model.encode(src)
+            eager = model.decode(ids, enc, cache=model.new_cache(torch.ones(2, 8, dtype=torch.bool), 16))
+            dec.new_cache(torch.ones(2, 8, dtype=torch.bool))
+            run = lambda: dec._first_step(model.input_embedding(ids), enc)  # noqa: E731
+        put_back = dec._step_state()
+        for _ in range(2):  # the second call as a capture after a warm-up: host state left at 3 by the first
+            logits = run()
+            put_back()
+            assert dec._kv().length == 3 and (kind == "gpt" or all(dec.cache.cross.filled))
+            assert torch.allclose(logits, eager, rtol=TOL, atol=TOL)
+
+
 def test_graphed_decoder_rejects_bad_use():
     model = tiny_t5()
     with pytest.raises(ValueError, match="batch_size"):
