@@ -103,6 +103,26 @@ def _warm_up_stream(device: torch.device) -> torch.cuda.Stream:
 PROMPT_GRAPH_WIDTH = 256
 
 
+def power_of_two(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for 0 or 1).
+
+    >>> power_of_two(5), power_of_two(64)
+    (8, 64)
+    """
+    return 1 << max(0, n - 1).bit_length()
+
+
+def prompt_width(longest: int) -> Optional[int]:
+    """The width GPT prompts of up to ``longest`` tokens are padded to (on the left, masked) for a prefill
+    graph: the next power of two from 8, or None past ``PROMPT_GRAPH_WIDTH``.
+
+    >>> prompt_width(10), prompt_width(300)
+    (16, None)
+    """
+    width = power_of_two(max(longest, 8))
+    return width if width <= PROMPT_GRAPH_WIDTH else None
+
+
 def buckets_for(max_length: int, smallest: int = 64) -> List[int]:
     """Attention lengths to capture: powers of two from ``smallest``, then ``max_length``.
 
@@ -400,11 +420,8 @@ class GraphedDecoder:
 
         >>> # GraphedDecoder(model, 1, max_length=256).prompt_width(10, 128) == 16 on a GPU
         """
-        width = 8
-        while width < longest:
-            width *= 2
-        fits = width + room <= self.max_length and width <= PROMPT_GRAPH_WIDTH
-        return width if self.use_graphs and fits else longest
+        width = prompt_width(longest)
+        return width if self.use_graphs and width is not None and width + room <= self.max_length else longest
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """T5's encoder output. With graphs, the prompt is padded (masked) to the next bucket of
@@ -479,9 +496,9 @@ class GraphedDecoder:
         kernels are the ones the eager pass picks (not fused), so the numbers are eager's."""
         if key not in self.prompts:
             buffers = [torch.zeros_like(v) for v in values]
-            put_back = self._step_state()  # the key mask and counts as the empty cache has them
-            graph, out = self._record(lambda: run(*buffers), warm_ups=1, fused=False, after_warm_up=put_back)
-            put_back()  # the capture recorded the pass's device work but ran none of it
+            # the warm-up's writes to the key mask and counts put back before the capture, which runs none
+            graph, out = self._record(lambda: run(*buffers), warm_ups=1, fused=False,
+                                      after_warm_up=self._step_state())
             self.prompts[key] = buffers, graph, out
         buffers, graph, out = self.prompts[key]
         for buffer, value in zip(buffers, values):

@@ -118,23 +118,30 @@ def _generator(seed: Optional[int], device: torch.device) -> torch.Generator:
 
 
 class _Fetch:
-    """The tokens of each step on the host. On CUDA their copy goes to pinned memory behind an event,
-    so that reading them waits for the sampling kernels only, not for a step launched after them."""
+    """The tokens of each step (``sampling.draw``'s) on the host. On CUDA their copy goes to pinned memory
+    behind an event, so that reading them waits for the sampling kernels only, not for a step launched
+    after them; a row that had nothing to sample (-1) raises there."""
 
     def __init__(self, rows: int, device: torch.device):
         self.cuda = device.type == "cuda"
         self.host = torch.empty(rows, dtype=torch.long, pin_memory=self.cuda)
         self.copied = torch.cuda.Event() if self.cuda else None
 
-    def start(self, tokens: torch.Tensor) -> None:
+    def start(self, tokens: torch.Tensor, greedy: bool) -> torch.Tensor:
+        """Start the copy; returns ``tokens`` as the next step may take them: sampled rows' -1 at 0 (a
+        step never looks up -1, on CUDA a device-side assert; ``values`` raises for it)."""
         self.host.copy_(tokens, non_blocking=self.cuda)
         if self.cuda:
             self.copied.record()
+        return tokens if greedy else tokens.clamp(min=0)
 
     def values(self) -> List[int]:
         if self.cuda:
             self.copied.synchronize()
-        return self.host.tolist()
+        values = self.host.tolist()
+        if min(values) < 0:
+            raise RuntimeError(NO_TOKEN)
+        return values
 
 
 def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequence[int]], vocab_size: int,
@@ -173,19 +180,14 @@ def decode(runner, rows: List, params: SamplingParams, prompts: Sequence[Sequenc
                     row_bans = extras, ban_ids(device_ban[None].repeat(len(rows), 1), extras)
                 ban = row_bans[1]
             tokens = draw(logits, params, counts, ban, generators)  # -1: nothing to sample, checked below
-            fetch.start(tokens)
-            if not params.greedy:
-                tokens = tokens.clamp(min=0)  # a step never looks up -1 (on CUDA a device-side assert)
+            tokens = fetch.start(tokens, params.greedy)
             # the next step needs only the device's tokens; the penalties' counts, updated below, are
             # read by the next sample, which the stream orders after both. Not when this token ends every
             # row whatever it is (max_tokens), nor past the cache.
             needed = not all(row.done or row.ends_with_next() for row in rows)
             ahead = runner.step(tokens) if run_ahead and needed and runner.can_step() else None
-            values = fetch.values()
-            if min(values) < 0:
-                raise RuntimeError(NO_TOKEN)
             events = []
-            for i, (row, token) in enumerate(zip(rows, values)):
+            for i, (row, token) in enumerate(zip(rows, fetch.values())):
                 if row.done:
                     continue
                 out = row.push(token)

@@ -103,11 +103,20 @@ def ban_ids(ban: torch.Tensor, per_row: Sequence[Sequence[int]]) -> torch.Tensor
     """
     at = [(i, token) for i, ids in enumerate(per_row) for token in ids]
     if at:
-        at = torch.tensor(at)
-        if ban.is_cuda:  # from pinned memory without waiting: a plain copy would wait for the step before
-            at = at.pin_memory().to(ban.device, non_blocking=True)
+        at = on_device(at, ban.device)
         ban[at[:, 0], at[:, 1]] = True
     return ban
+
+
+def on_device(data, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(data)`` on ``device``; on CUDA from pinned memory without waiting (a plain copy from
+    host memory waits for the stream, such as a decode step launched ahead).
+
+    >>> on_device([[0, 2]], torch.device("cpu")).tolist()
+    [[0, 2]]
+    """
+    out = torch.tensor(data)
+    return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out.to(device)
 
 
 def penalize(logits: torch.Tensor, counts: torch.Tensor, frequency_penalty: float,

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..generation import pad_rows
-from ..generation.graphs import PROMPT_GRAPH_WIDTH, GraphedDecoder
+from ..generation.graphs import PROMPT_GRAPH_WIDTH, GraphedDecoder, power_of_two, prompt_width
 from ..generation.loop import home_device, input_embedding
 from ..layers import CrossKVCache, KVCache
 
@@ -86,14 +86,14 @@ class GraphedPrefill:
         if rows != 1:
             return prefill(b, sources, prefixes)
         if not _is_t5(b):
-            width = _power_of_two(longest, 8)
-            if width > PROMPT_GRAPH_WIDTH or width > b.config.max_positions:
+            width = prompt_width(longest)
+            if width is None or width > b.config.max_positions:
                 return prefill(b, sources, prefixes)
             decoder = self._decoder((rows, width), lambda: GraphedDecoder(b, rows, width))
             ids, mask = pad_rows(sources, left=True, device=decoder.device, width=width)
             cache = decoder.new_cache()
             return cache, decoder(ids, attention_mask=mask, cache=cache)[:, -1]
-        source, start = _power_of_two(longest, 64), len(prefixes[0])
+        source, start = power_of_two(max(longest, 64)), len(prefixes[0])
         if source > min(self.MAX_SOURCE, b.config.max_length) or start > PROMPT_GRAPH_WIDTH:
             return prefill(b, sources, prefixes)
         decoder = self._decoder((rows, start, source),
@@ -102,13 +102,6 @@ class GraphedPrefill:
         prefix = torch.as_tensor([list(p) for p in prefixes], dtype=torch.long, device=decoder.device)
         cache = decoder.new_cache(mask)
         return cache, decoder.decode(prefix, decoder.encode(ids, mask), cache=cache)[:, -1]
-
-
-def _power_of_two(n: int, smallest: int) -> int:
-    size = smallest
-    while size < n:
-        size *= 2
-    return size
 
 
 def cache_bytes(backbone, rows: int, columns: int, source: int = 0) -> int:

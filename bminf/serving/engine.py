@@ -28,12 +28,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..generation import SamplingParams, ban_ids, count_ids
-from ..generation.sampling import NO_TOKEN, draw
-from ..generation.graphs import _streams_or_splits
+from ..generation.sampling import draw, on_device
+from ..generation.graphs import _streams_or_splits, power_of_two
 from ..generation.loop import _Fetch
 from ..offload import TransformerBlockList
 from . import batch
-from .slots import SlotDecoder, _power_of_two
+from .slots import SlotDecoder
 
 __all__ = ["Job", "Engine", "ShuttingDown"]
 
@@ -263,7 +263,7 @@ class Engine:
         running_sources = self._fixed.sources if self._fixed is not None else []
         source = max([cache.cross.k[0].shape[2] for cache, _ in parts] + running_sources) if t5 else 0
         if self._fixed is None or not self._fixed.fits(len(slots), columns, source):
-            self._fixed = self._resized(min(self.max_batch, _power_of_two(len(slots))), columns, source)
+            self._fixed = self._resized(min(self.max_batch, power_of_two(len(slots))), columns, source)
             _log.info("decode slots: %d rows of %d tokens%s", self._fixed.batch_size, self._fixed.max_length,
                       f", {self._fixed.max_source_length} source tokens" if t5 else "")
         for cache, rows in parts:
@@ -325,9 +325,7 @@ class Engine:
             return self._sample_rows(self._slots, logits, ban)
         tokens = torch.empty(len(self._slots), dtype=torch.long, device=logits.device)
         for rows in groups.values():
-            # from pinned memory without waiting: a plain copy would wait for the step before
-            index = torch.tensor(rows).pin_memory().to(logits.device, non_blocking=True) if logits.is_cuda \
-                else torch.tensor(rows)
+            index = on_device(rows, logits.device)
             tokens[index] = self._sample_rows([self._slots[i] for i in rows], logits[index], ban[index])
         return tokens
 
@@ -341,9 +339,7 @@ class Engine:
     def _step(self) -> None:
         tokens = self._sample()
         fetch = _Fetch(len(tokens), tokens.device)
-        fetch.start(tokens)
-        if not all(s.job.params.greedy for s in self._slots):
-            tokens = tokens.clamp(min=0)  # a step never looks up -1 (on CUDA a device-side assert)
+        tokens = fetch.start(tokens, greedy=all(s.job.params.greedy for s in self._slots))
         # With fixed slots the next step starts before the host reads the tokens (see generation.loop):
         # pushing text to the rows and their clients overlaps it. Finished rows are stepped too and
         # dropped after; not when every row ends with this token by its count, nor past the slots.
@@ -351,11 +347,9 @@ class Engine:
         if self.fixed_slots and self._fixed.can_step() and not all(_last_token(s.job) for s in self._slots):
             ahead = self._fixed.step(tokens)
             self.steps += 1
-        values = fetch.values()
-        if min(values) < 0:
-            raise RuntimeError(NO_TOKEN)  # fails the running jobs (_loop)
         keep = []
-        for i, (slot, token) in enumerate(zip(self._slots, values)):
+        # a row with nothing to sample raises in values(): _loop fails the running jobs
+        for i, (slot, token) in enumerate(zip(self._slots, fetch.values())):
             job = slot.job
             if job.cancelled:
                 continue

@@ -34,7 +34,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..generation.graphs import GraphedDecoder, buckets_for
+from ..generation.graphs import GraphedDecoder, buckets_for, power_of_two
 
 __all__ = ["SlotDecoder"]
 
@@ -226,13 +226,9 @@ class SlotDecoder(GraphedDecoder):
         return with_positions
 
 
-def _power_of_two(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _length(n: int, cap) -> int:
     """The next power of two from 64, at most ``cap`` (the model's limit), at least ``n``."""
-    size = max(64, _power_of_two(n))
+    size = max(64, power_of_two(n))
     size = min(size, cap) if cap else size
     if size < n:
         raise ValueError(f"{n} positions exceed the model's limit of {cap}")
