@@ -154,7 +154,6 @@ def _ours_runner(dec: GraphedDecoder, kind: str):
     return runner
 
 
-
 def step_ms(dec: GraphedDecoder, kind: str, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int = 1):
     """``(ms, step, token)``: ``dec``'s prompt and three untimed steps (graphs captured, kernels compiled),
     then ``steps`` greedy decode steps timed ``repeats`` times, the best ms per step; ``step`` and the
