@@ -40,10 +40,12 @@ def _counting_draw(*args, **kwargs):
 
 loop.draw = _counting_draw
 
+# sampling: greedy by default; --temperature samples with a fixed seed, so that both loops draw the same text
+SAMPLING = dict(temperature=0)
 TASKS = {
-    "cpm1": lambda m, n: m.generate("天空是蔚蓝色，窗外有", max_tokens=n, temperature=0),
-    "cpm2": lambda m, n: m.fill_blank("北京环球影城指定单日门票将采用<span>制度", max_tokens=n, temperature=0),
-    "eva": lambda m, n: m.dialogue(["你好", "推荐一本书"], max_tokens=n, temperature=0),
+    "cpm1": lambda m, n: m.generate("天空是蔚蓝色，窗外有", max_tokens=n, **SAMPLING),
+    "cpm2": lambda m, n: m.fill_blank("北京环球影城指定单日门票将采用<span>制度", max_tokens=n, **SAMPLING),
+    "eva": lambda m, n: m.dialogue(["你好", "推荐一本书"], max_tokens=n, **SAMPLING),
 }
 CLASSES = {"cpm1": "CPM1", "cpm2": "CPM2", "eva": "EVA"}
 
@@ -69,13 +71,13 @@ def make_checkpoint(kind: str, directory: str, device: torch.device) -> int:
 
 
 def timed(kind: str, model, tokens: int, device: torch.device):
-    """(seconds, tokens generated) of one greedy task call of ``tokens`` tokens."""
+    """(seconds, tokens generated, result) of one task call of ``tokens`` tokens."""
     torch.cuda.synchronize(device)
     _steps[0] = 0
     start = time.perf_counter()
-    TASKS[kind](model, tokens)
+    result = TASKS[kind](model, tokens)
     torch.cuda.synchronize(device)
-    return time.perf_counter() - start, _steps[0]
+    return time.perf_counter() - start, _steps[0], result
 
 
 @contextlib.contextmanager
@@ -112,7 +114,7 @@ def run(kind: str, root: str, device: torch.device, limit, tokens: int, compare_
         if compare_waiting:  # the loop waiting for each token on the host before the next step
             with _waiting():
                 waiting.append(timed(kind, model, tokens, device))
-    elapsed, steps = min(ahead)
+    elapsed, steps, text = min(ahead, key=lambda r: r[0])
     peak = torch.cuda.max_memory_allocated(device)
     row = dict(model=kind, checkpoint_bytes=size, write_s=round(written, 1), load_s=round(loaded, 1),
                first_call_s=round(first, 2), first_token_s=round(first_token, 4), decode_s=round(elapsed, 3),
@@ -124,9 +126,11 @@ def run(kind: str, root: str, device: torch.device, limit, tokens: int, compare_
                                 (getattr(model.backbone, n, None) for n in ("layers", "enc_layers", "dec_layers"))
                                 if lst is not None])
     if compare_waiting:
-        waited, waited_steps = min(waiting)
+        waited, waited_steps, _ = min(waiting, key=lambda r: r[0])
         row.update(waiting_decode_s=round(waited, 3), waiting_tokens=waited_steps,
-                   waiting_tokens_per_s=round(waited_steps / waited, 1))
+                   waiting_tokens_per_s=round(waited_steps / waited, 1),
+                   # the step ahead must not change what is drawn: greedy, or sampled from the same seed
+                   same_text=all(r[2] == text for r in ahead + waiting))
     print(json.dumps(row, ensure_ascii=False), flush=True)
     del model
     gc.collect()
@@ -139,12 +143,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["cpm1", "eva", "cpm2"], choices=list(TASKS))
     parser.add_argument("--cpm2-memory-limit", default="6GiB", help="a size, or 'none' (resident)")
-    parser.add_argument("--tokens", type=int, default=32, help="max_tokens of the timed call (greedy)")
+    parser.add_argument("--tokens", type=int, default=32, help="max_tokens of the timed call")
+    parser.add_argument("--temperature", type=float, default=0,
+                        help="0 (default) is greedy; above 0 samples from the top 10 with seed 1")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--compare-waiting", action="store_true",
                         help="also time the call with the loop not running a step ahead (the releases before)")
     args = parser.parse_args()
+    if args.temperature > 0:
+        SAMPLING.update(temperature=args.temperature, top_n=10, seed=1)
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     rows = []
