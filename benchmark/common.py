@@ -70,7 +70,8 @@ def nbytes(params) -> int:
 
 # -- machine ----------------------------------------------------------------------------------------
 def machine(device: torch.device) -> dict:
-    """The device, versions, and the ceilings measured now: HBM read and pinned host-to-device GB/s."""
+    """The device, versions, and the ceilings measured now: HBM read (``hbm_read``) and pinned
+    host-to-device GB/s."""
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     try:
         import triton
@@ -82,9 +83,13 @@ def machine(device: torch.device) -> dict:
         info.update(gpu="cpu", hbm_read_gb_per_s=float("nan"), h2d_pinned_gb_per_s=float("nan"))
         return info
     info["gpu"] = torch.cuda.get_device_name(device)
-    t = torch.empty(1 << 30, dtype=torch.float16, device=device).uniform_()
-    info["hbm_read_gb_per_s"] = t.numel() * 2 / best_of(lambda: t.sum(), device, 10) / 1e9
-    del t
+    try:
+        from . import hbm_read
+    except ImportError:  # run as a script, benchmark/ on the path
+        import hbm_read
+    reads = hbm_read.gb_per_s(device)
+    info["hbm_read_gb_per_s"] = reads["best"]
+    info["hbm_read_sum_gb_per_s"] = reads["sum"]  # the only reader before run 104: 7-9% below the best
     src = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(GIB, dtype=torch.uint8, device=device)
     info["h2d_pinned_gb_per_s"] = GIB / best_of(lambda: dst.copy_(src, non_blocking=True), device, 3) / 1e9
@@ -231,7 +236,8 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def header(results: dict, preset: str, cfg) -> None:
     m = results["machine"]
     print(f"{preset}: {m['gpu']} ({m['device']}), torch {m['torch']}, triton {m.get('triton')}; "
-          f"HBM read {m['hbm_read_gb_per_s']:.0f} GB/s, pinned H2D {m['h2d_pinned_gb_per_s']:.1f} GB/s")
+          f"HBM read {m['hbm_read_gb_per_s']:.0f} GB/s (t.sum(): {m.get('hbm_read_sum_gb_per_s', 0):.0f}), "
+          f"pinned H2D {m['h2d_pinned_gb_per_s']:.1f} GB/s")
     if "triton_cache" in m:
         cache = m["triton_cache"]
         print(f"  Triton's cache {cache['dir']}: {cache['kernels']} compiled kernels at the start"
