@@ -146,12 +146,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of the timed call")
     parser.add_argument("--temperature", type=float, default=0,
                         help="0 (default) is greedy; above 0 samples from the top 10 with seed 1")
+    parser.add_argument("--task-defaults", action="store_true",
+                        help="sample as each task method does by default, with seed 1 (overrides --temperature)")
     parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--compare-waiting", action="store_true",
                         help="also time the call with the loop not running a step ahead (the releases before)")
     args = parser.parse_args()
-    if args.temperature > 0:
+    if args.task_defaults:
+        SAMPLING.clear()
+        SAMPLING.update(seed=1)
+    elif args.temperature > 0:
         SAMPLING.update(temperature=args.temperature, top_n=10, seed=1)
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)

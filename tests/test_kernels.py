@@ -750,3 +750,78 @@ def test_compiling_only_compiles_on_threads_and_runs_nothing():
     values[:, :, 5] = new_v[:, :, 0]
     want = triton_attention.reference(q, keys, values, bias[..., :6], 0.5)  # positions after pos: masked
     torch.testing.assert_close(y, want, atol=2e-3, rtol=2e-3)
+
+
+SAMPLING_CHECK = """
+import torch
+from bminf.generation.sampling import SamplingParams, distribution, scores
+from bminf.kernels import triton_sampling
+dev = "{device}"
+torch.manual_seed(0)
+
+
+def expected(logits, params, counts, ban, q):
+    # sampling.draw's definition, with top-n's ties to the lower index stated here (torch.topk does not say)
+    z = scores(logits.float(), params, counts, ban)
+    if params.greedy:
+        return z.argmax(-1)
+    nan = z.isnan().any(-1)  # torch.topk ranks NaN first: top-n keeps it, and the row has no distribution
+    n = params.top_n
+    if n is not None and n < z.shape[1]:
+        level = z.sort(-1, descending=True).values[:, n - 1:n]
+        at = z == level
+        above = (z > level).sum(-1, keepdim=True)
+        z = z.masked_fill(~((z > level) | (at & (at.cumsum(-1) <= n - above))), float("-inf"))
+    probs = distribution(z, SamplingParams(temperature=1))
+    ok = ((probs >= 0) & (probs < float("inf"))).all(-1) & (probs.sum(-1) > 0)
+    return torch.where(ok & ~nan, (probs / q).argmax(-1), -1)
+
+
+SETTINGS = [SamplingParams(temperature=0), SamplingParams(temperature=0, frequency_penalty=0.5),
+            SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_n=1),
+            SamplingParams(temperature=0.85, top_n=10), SamplingParams(temperature=1, top_n=64),
+            SamplingParams(temperature=0.9, top_n=10, frequency_penalty=0.3, presence_penalty=0.2)]
+worst = 0
+cases = 0
+for vocab in (30, 4097, 9000):  # one partial pass, two and a partial, three (4096 ids a pass)
+    for dtype in (torch.float16, torch.float32):
+        for k, params in enumerate(SETTINGS):
+            batch = 7
+            logits = (torch.randn(batch, vocab) * 3).to(dtype)
+            # ties: row 1's largest twice, in two passes of the kernel where the vocabulary has them;
+            # row 2 holds 40 equal scores at the top, so top-n's threshold falls inside a tie
+            logits[1, vocab - 1] = logits[1, 3] = 20
+            logits[2, torch.randperm(vocab)[:min(40, vocab)]] = 9
+            logits[3, 5] = float("nan")                     # -1 sampled; greedy: the NaN's index, as torch.argmax
+            logits[4, vocab // 2] = float("inf")             # -1 sampled; greedy: the inf's index
+            ban = torch.zeros(batch, vocab, dtype=torch.bool)
+            ban[5] = True                                   # nothing left: -1 sampled, 0 greedy
+            ban[:, torch.randperm(vocab)[:vocab // 10]] = True
+            ban[:, 3] = False
+            counts = torch.randint(0, 3, (batch, vocab), dtype=torch.int32)
+            filtered = (None, ban, ban[6])[k % 3]  # none, a mask a row, one mask for every row
+            q = torch.empty(batch, vocab).exponential_()
+            q[1] = 1  # row 1's two largest scores tie in p / q too: the lower index wins
+            want = expected(logits, params, counts, filtered, q)
+            got = triton_sampling.draw(logits.to(dev), params.temperature, params.top_n, params.frequency_penalty,
+                                       params.presence_penalty, counts.to(dev),
+                                       None if filtered is None else filtered.to(dev), q.to(dev)).cpu()
+            assert got.dtype == torch.long and got.shape == (batch,)
+            if not torch.equal(got, want):
+                print("mismatch", vocab, dtype, params, k % 3, got.tolist(), want.tolist())
+                worst += int((got != want).sum())
+            cases += 1
+assert cases == 3 * 2 * 7
+print("worst", worst)
+"""
+
+
+@pytest.mark.skipif(not triton_int8.available(), reason="needs triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the compiled kernel instead")
+def test_sampling_kernel_in_the_interpreter():
+    assert run_check(SAMPLING_CHECK, "cpu", **INTERPRETER) == 0  # every token as sampling.draw defines it
+
+
+@pytest.mark.gpu
+def test_sampling_kernel_on_gpu():
+    assert run_check(SAMPLING_CHECK, "cuda") == 0

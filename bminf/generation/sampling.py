@@ -24,6 +24,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..kernels import triton_sampling
+
 __all__ = ["SamplingParams", "penalize", "keep_top_n", "keep_top_p", "scores", "distribution", "sample", "draw",
            "count_ids", "ban_ids"]
 
@@ -226,15 +228,22 @@ def draw(logits: torch.Tensor, params: SamplingParams, counts: Optional[torch.Te
     >>> draw(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), SamplingParams(temperature=1, seed=0)).tolist()[1]
     -1
     """
-    z = scores(logits, params, counts, filtered)
+    # on CUDA one kernel (triton_sampling) where its settings allow: these torch ops are 15-20 kernels
+    fused = triton_sampling.handles(logits, params.top_n, params.top_p)
     if params.greedy:
-        return z.argmax(-1)
-    probs = distribution(z, params)
-    ok = ((probs >= 0) & (probs < float("inf"))).all(-1) & (probs.sum(-1) > 0)
+        if fused:
+            return triton_sampling.draw(logits, 0, None, params.frequency_penalty, params.presence_penalty,
+                                        counts, filtered, None)
+        return scores(logits, params, counts, filtered).argmax(-1)
     # torch.multinomial draws one sample as argmax(p / q), q ~ Exp(1) from the generator, but checks its
     # input with two host syncs per call. The same draw here, each row's q from the row's own generator
     # (a row's draws do not depend on the others)
-    q = torch.empty_like(probs)
+    q = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     for row in range(q.shape[0]):
         q[row].exponential_(generator=generators[row] if generators is not None else None)
+    if fused:
+        return triton_sampling.draw(logits, params.temperature, params.top_n, params.frequency_penalty,
+                                    params.presence_penalty, counts, filtered, q)
+    probs = distribution(scores(logits, params, counts, filtered), params)
+    ok = ((probs >= 0) & (probs < float("inf"))).all(-1) & (probs.sum(-1) > 0)
     return torch.where(ok, (probs / q).argmax(-1), -1)
