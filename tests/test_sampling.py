@@ -7,6 +7,7 @@ import torch
 from bminf.generation import SamplingParams, count_ids, distribution, keep_top_n, keep_top_p, penalize, sample, scores
 from bminf.generation.rows import BlankRow, TextRow
 from bminf.generation.text import TextStream
+from bminf.kernels import triton_sampling
 
 
 def softmax(xs):
@@ -95,6 +96,31 @@ def test_a_draw_is_what_torch_multinomial_draws_with_the_same_generator(device):
     probs = distribution(scores(logits, params), params)
     theirs = [int(torch.multinomial(probs[i], 1, generator=torch.Generator(device).manual_seed(i))) for i in range(6)]
     assert ours.tolist() == theirs
+
+
+@pytest.mark.parametrize("top_n", [None, 10])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_sampling_kernel_draws_what_torch_multinomial_draws(device, top_n):
+    # on CUDA draw() runs triton_sampling's kernel for these settings; on the CPU, the torch ops
+    logits = torch.randn(6, 3000, device=device) * 3
+    params = SamplingParams(temperature=0.8, top_n=top_n, frequency_penalty=0.4)
+    counts = torch.randint(0, 3, (6, 3000), dtype=torch.int32, device=device)
+    assert triton_sampling.handles(logits, top_n, None) == (device == "cuda")
+    ours = sample(logits, params, counts, generators=[torch.Generator(device).manual_seed(s) for s in range(6)])
+    probs = distribution(scores(logits, params, counts), params)
+    theirs = [int(torch.multinomial(probs[i], 1, generator=torch.Generator(device).manual_seed(i))) for i in range(6)]
+    assert ours.tolist() == theirs
+    greedy = SamplingParams(temperature=0, frequency_penalty=0.4)
+    assert torch.equal(sample(logits, greedy, counts), scores(logits, greedy, counts).argmax(-1))
+
+
+def test_the_sampling_kernel_leaves_top_p_and_a_large_top_n_to_the_torch_ops():
+    logits = torch.zeros(2, 1000)
+    assert not triton_sampling.handles(logits, None, None)  # not on CUDA
+    if torch.cuda.is_available():
+        logits = logits.cuda()
+        assert triton_sampling.handles(logits, 64, 1.0) and triton_sampling.handles(logits, 1000, None)
+        assert not triton_sampling.handles(logits, None, 0.9) and not triton_sampling.handles(logits, 65, None)
 
 
 def test_nothing_left_to_sample_is_an_error_not_a_token():
