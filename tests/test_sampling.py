@@ -110,7 +110,7 @@ def test_the_sampling_kernel_draws_what_torch_multinomial_draws(device, top_n):
     probs = distribution(scores(logits, params, counts), params)
     theirs = [int(torch.multinomial(probs[i], 1, generator=torch.Generator(device).manual_seed(i))) for i in range(6)]
     assert ours.tolist() == theirs
-    greedy = SamplingParams(temperature=0, frequency_penalty=0.4)
+    greedy = SamplingParams(temperature=0, frequency_penalty=0.5)  # exact products: fused or not, the same scores
     assert torch.equal(sample(logits, greedy, counts), scores(logits, greedy, counts).argmax(-1))
 
 

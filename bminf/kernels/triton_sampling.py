@@ -9,7 +9,8 @@ its greedy step alone runs 1152. One program per row reads the row's logits in a
 draw. The numbers are sampling.draw's up to rounding: the same scores, op for op; the largest p / q
 over the kept ids with p the softmax's numerator (its sum divides every p alike, so it cannot move the
 argmax) and q the same Exp(1) draws from the row's generator, so a seed gives the same text but where
-two ratios are within rounding of each other. Greedy takes the argmax of the scores, bit for bit.
+two ratios are within rounding of each other. Greedy takes the argmax of the scores: bit for bit
+without penalties; with them Triton may fuse a penalty's multiply and subtract (one rounding fewer).
 
 top-p needs the probabilities sorted and stays with the torch ops, as does a top-n above ``MAX_TOP_N``
 (a pass per distinct value above the threshold).
