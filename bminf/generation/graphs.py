@@ -391,9 +391,7 @@ class GraphedDecoder:
             with torch.no_grad(), dependent_launch.within_a_step(), compile_ahead.compiling_only(self.device):
                 self._steps_compiled()
         with torch.no_grad(), dependent_launch.within_a_step():  # the same kernels as the graphs'
-            if not (self.use_graphs and cache.length == 0 and isinstance(input_ids, torch.Tensor)
-                    and input_ids.dim() == 2 and input_ids.shape[0] == self.batch_size
-                    and 0 < input_ids.shape[1] <= min(self.max_length, PROMPT_GRAPH_WIDTH)
+            if not (self._prompt_graph_takes(input_ids, cache.length == 0)
                     and (attention_mask is None or (isinstance(attention_mask, torch.Tensor)
                                                     and attention_mask.shape == input_ids.shape))):
                 return self.model(input_ids, attention_mask=attention_mask, cache=cache)
@@ -466,10 +464,7 @@ class GraphedDecoder:
         pad = self.max_source_length - encoder_output.shape[1]
         encoder_output = F.pad(encoder_output, (0, 0, 0, pad))  # zero rows, masked out
         with torch.no_grad(), dependent_launch.within_a_step():
-            if not (self.use_graphs and cache.length == 0 and not any(cache.cross.filled)
-                    and isinstance(decoder_input_ids, torch.Tensor) and decoder_input_ids.dim() == 2
-                    and decoder_input_ids.shape[0] == self.batch_size
-                    and 0 < decoder_input_ids.shape[1] <= min(self.max_length, PROMPT_GRAPH_WIDTH)):
+            if not self._prompt_graph_takes(decoder_input_ids, cache.length == 0 and not any(cache.cross.filled)):
                 return self.model.decode(decoder_input_ids, encoder_output, cache=cache)
             # the checks (a host sync) and the embedding eagerly, on the real ids, as encode() does
             x, _ = self.model._embed(decoder_input_ids, None, None, "decoder_input_ids", step=True)
@@ -487,6 +482,12 @@ class GraphedDecoder:
         self.cache.self_kv.length = 0
         self.cache.cross.filled = [False] * len(self.cache.cross.filled)
         return self.model.decode(decoder_inputs_embeds=emb, encoder_output=source, cache=self.cache)
+
+    def _prompt_graph_takes(self, ids, empty: bool) -> bool:
+        """Whether a prompt's pass of ``ids`` replays a prompt graph: graphs on, the cache ``empty``, and
+        (batch_size, width) ids no wider than the cache or ``PROMPT_GRAPH_WIDTH``; else it runs eagerly."""
+        return (self.use_graphs and empty and isinstance(ids, torch.Tensor) and ids.dim() == 2
+                and ids.shape[0] == self.batch_size and 0 < ids.shape[1] <= min(self.max_length, PROMPT_GRAPH_WIDTH))
 
     def _prompt_replay(self, key, values: List[torch.Tensor], run) -> torch.Tensor:
         """The output of ``run(*buffers)`` replayed from the graph under ``key`` (captured on first use), on
