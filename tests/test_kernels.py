@@ -783,35 +783,39 @@ SETTINGS = [SamplingParams(temperature=0), SamplingParams(temperature=0, frequen
             SamplingParams(temperature=0.9, top_n=10, frequency_penalty=0.3, presence_penalty=0.2)]
 worst = 0
 cases = 0
-for vocab in (30, 4097, 9000):  # one partial pass, two and a partial, three (4096 ids a pass)
-    for dtype in (torch.float16, torch.float32):
-        for k, params in enumerate(SETTINGS):
-            batch = 7
-            logits = (torch.randn(batch, vocab) * 3).to(dtype)
-            # ties: row 1's largest twice, in two passes of the kernel where the vocabulary has them;
-            # row 2 holds 40 equal scores at the top, so top-n's threshold falls inside a tie
-            logits[1, vocab - 1] = logits[1, 3] = 20
-            logits[2, torch.randperm(vocab)[:min(40, vocab)]] = 9
-            logits[3, 5] = float("nan")                     # -1 sampled; greedy: the NaN's index, as torch.argmax
-            logits[4, vocab // 2] = float("inf")             # -1 sampled; greedy: the inf's index
-            ban = torch.zeros(batch, vocab, dtype=torch.bool)
-            ban[5] = True                                   # nothing left: -1 sampled, 0 greedy
-            ban[:, torch.randperm(vocab)[:vocab // 10]] = True
-            ban[:, 3] = False
-            counts = torch.randint(0, 3, (batch, vocab), dtype=torch.int32)
-            filtered = (None, ban, ban[6])[k % 3]  # none, a mask a row, one mask for every row
-            q = torch.empty(batch, vocab).exponential_()
-            q[1] = 1  # row 1's two largest scores tie in p / q too: the lower index wins
-            want = expected(logits, params, counts, filtered, q)
-            got = triton_sampling.draw(logits.to(dev), params.temperature, params.top_n, params.frequency_penalty,
-                                       params.presence_penalty, counts.to(dev),
-                                       None if filtered is None else filtered.to(dev), q.to(dev)).cpu()
-            assert got.dtype == torch.long and got.shape == (batch,)
-            if not torch.equal(got, want):
-                print("mismatch", vocab, dtype, params, k % 3, got.tolist(), want.tolist())
-                worst += int((got != want).sum())
-            cases += 1
-assert cases == 3 * 2 * 7
+# the row held in registers (every vocabulary here), then read in passes of 4096 ids: one partial pass,
+# two and a partial, three
+for resident_max, block in ((triton_sampling.RESIDENT_MAX, triton_sampling.BLOCK), (0, 4096)):
+    triton_sampling.RESIDENT_MAX, triton_sampling.BLOCK = resident_max, block
+    for vocab in (30, 4097, 9000):
+        for dtype in (torch.float16, torch.float32):
+            for k, params in enumerate(SETTINGS):
+                batch = 7
+                logits = (torch.randn(batch, vocab) * 3).to(dtype)
+                # ties: row 1's largest twice, in two passes of the kernel where the vocabulary has them;
+                # row 2 holds 40 equal scores at the top, so top-n's threshold falls inside a tie
+                logits[1, vocab - 1] = logits[1, 3] = 20
+                logits[2, torch.randperm(vocab)[:min(40, vocab)]] = 9
+                logits[3, 5] = float("nan")                     # -1 sampled; greedy: the NaN's index, as torch.argmax
+                logits[4, vocab // 2] = float("inf")             # -1 sampled; greedy: the inf's index
+                ban = torch.zeros(batch, vocab, dtype=torch.bool)
+                ban[5] = True                                   # nothing left: -1 sampled, 0 greedy
+                ban[:, torch.randperm(vocab)[:vocab // 10]] = True
+                ban[:, 3] = False
+                counts = torch.randint(0, 3, (batch, vocab), dtype=torch.int32)
+                filtered = (None, ban, ban[6])[k % 3]  # none, a mask a row, one mask for every row
+                q = torch.empty(batch, vocab).exponential_()
+                q[1] = 1  # row 1's two largest scores tie in p / q too: the lower index wins
+                want = expected(logits, params, counts, filtered, q)
+                got = triton_sampling.draw(logits.to(dev), params.temperature, params.top_n, params.frequency_penalty,
+                                           params.presence_penalty, counts.to(dev),
+                                           None if filtered is None else filtered.to(dev), q.to(dev)).cpu()
+                assert got.dtype == torch.long and got.shape == (batch,)
+                if not torch.equal(got, want):
+                    print("mismatch", resident_max, vocab, dtype, params, k % 3, got.tolist(), want.tolist())
+                    worst += int((got != want).sum())
+                cases += 1
+assert cases == 2 * 3 * 2 * 7
 print("worst", worst)
 """
 

@@ -24,7 +24,7 @@ def scores_tile(logits_row, counts_row, ban_row, ro, ok, temperature, freq, pres
 @triton.jit
 def draw(logits_ptr, counts_ptr, ban_ptr, q_ptr, out_ptr, V, sl_b, sc_b, sb_b, sq_b, temperature, freq, presence,
          top_n, SAMPLED: tl.constexpr, PENALIZE: tl.constexpr, BAN: tl.constexpr, TOP_N: tl.constexpr,
-         BLOCK: tl.constexpr):
+         BLOCK: tl.constexpr, RESIDENT: tl.constexpr):
     # One program per row, in passes over the row's ids, BLOCK at a time (a row's logits stay in L2).
     # Greedy: the first index of the largest score, or of the first NaN (as torch.argmax). Sampled: the
     # first index of the largest p / q, p the softmax of the scores over what top-n keeps (the n largest,
@@ -33,29 +33,33 @@ def draw(logits_ptr, counts_ptr, ban_ptr, q_ptr, out_ptr, V, sl_b, sc_b, sb_b, s
     b = tl.program_id(0).to(tl.int64)
     logits_row, counts_row, ban_row = logits_ptr + b * sl_b, counts_ptr + b * sc_b, ban_ptr + b * sb_b
     r = tl.arange(0, BLOCK)
-    # pass 1: the largest score that is not NaN, its first index, and whether a score is NaN or +inf
-    best = float("-inf")
-    best_i = 0
-    nan_i = NONE
-    for start in range(0, V, BLOCK):
-        ro = start + r
-        z = scores_tile(logits_row, counts_row, ban_row, ro, ro < V, temperature, freq, presence,
-                        SAMPLED, PENALIZE, BAN)
-        nan_i = tl.minimum(nan_i, tl.min(tl.where(z != z, ro, NONE)))
-        z = tl.where(z != z, float("-inf"), z)
-        m = tl.max(z)
-        i = tl.min(tl.where(z == m, ro, NONE))
-        best_i = tl.where(m > best, i, best_i)  # strictly larger: an earlier tile keeps a tie
-        best = tl.maximum(best, m)
-        if SAMPLED:
-            nan_i = tl.minimum(nan_i, tl.min(tl.where(z == float("inf"), ro, NONE)))
-    if not SAMPLED:
-        tl.store(out_ptr + b, tl.where(nan_i < NONE, nan_i, best_i).to(tl.int64))
+    if RESIDENT:  # the whole row in one tile (BLOCK >= V): read once, every pass over registers
+        _draw_resident(logits_row, counts_row, ban_row, q_ptr + b * sq_b, out_ptr + b, r, V, temperature, freq,
+                       presence, top_n, SAMPLED, PENALIZE, BAN, TOP_N)
     else:
-        pick_i = _pick(logits_row, counts_row, ban_row, q_ptr + b * sq_b, r, V, best, temperature, freq, presence,
-                       top_n, PENALIZE, BAN, TOP_N, BLOCK)
-        valid = (nan_i == NONE) & (best > float("-inf"))
-        tl.store(out_ptr + b, tl.where(valid, pick_i, -1).to(tl.int64))
+        # pass 1: the largest score that is not NaN, its first index, and whether a score is NaN or +inf
+        best = float("-inf")
+        best_i = 0
+        nan_i = NONE
+        for start in range(0, V, BLOCK):
+            ro = start + r
+            z = scores_tile(logits_row, counts_row, ban_row, ro, ro < V, temperature, freq, presence,
+                            SAMPLED, PENALIZE, BAN)
+            nan_i = tl.minimum(nan_i, tl.min(tl.where(z != z, ro, NONE)))
+            z = tl.where(z != z, float("-inf"), z)
+            m = tl.max(z)
+            i = tl.min(tl.where(z == m, ro, NONE))
+            best_i = tl.where(m > best, i, best_i)  # strictly larger: an earlier tile keeps a tie
+            best = tl.maximum(best, m)
+            if SAMPLED:
+                nan_i = tl.minimum(nan_i, tl.min(tl.where(z == float("inf"), ro, NONE)))
+        if not SAMPLED:
+            tl.store(out_ptr + b, tl.where(nan_i < NONE, nan_i, best_i).to(tl.int64))
+        else:
+            pick_i = _pick(logits_row, counts_row, ban_row, q_ptr + b * sq_b, r, V, best, temperature, freq,
+                           presence, top_n, PENALIZE, BAN, TOP_N, BLOCK)
+            valid = (nan_i == NONE) & (best > float("-inf"))
+            tl.store(out_ptr + b, tl.where(valid, pick_i, -1).to(tl.int64))
 
 
 @triton.jit
@@ -102,3 +106,36 @@ def _pick(logits_row, counts_row, ban_row, q_row, r, V, best, temperature, freq,
         pick_i = tl.where(m > pick, i, pick_i)  # strictly larger: an earlier tile keeps a tie
         pick = tl.maximum(pick, m)
     return pick_i
+
+
+@triton.jit
+def _draw_resident(logits_row, counts_row, ban_row, q_row, out, ro, V, temperature, freq, presence, top_n,
+                   SAMPLED: tl.constexpr, PENALIZE: tl.constexpr, BAN: tl.constexpr, TOP_N: tl.constexpr):
+    # draw's passes on a row held in registers: the same rules, but top-n's passes cost a reduction each
+    # instead of a read of the row from L2 (one program per row: at batch 1 one multiprocessor does it all)
+    ok = ro < V
+    z = scores_tile(logits_row, counts_row, ban_row, ro, ok, temperature, freq, presence, SAMPLED, PENALIZE, BAN)
+    nan_i = tl.min(tl.where(z != z, ro, NONE))  # a row with a NaN ends as -1 (sampled) or its index (greedy)
+    best = tl.max(z)
+    if not SAMPLED:
+        best_i = tl.min(tl.where(z == best, ro, NONE))
+        tl.store(out, tl.where(nan_i < NONE, nan_i, best_i).to(tl.int64))
+    else:
+        nan_i = tl.minimum(nan_i, tl.min(tl.where(z == float("inf"), ro, NONE)))
+        p = tl.exp(z - best)
+        if TOP_N:  # as _pick: the n-th largest score, one pass per distinct value above it
+            level = float("inf")
+            above = 0
+            seen = 0
+            while (seen < top_n) & (level > float("-inf")):
+                nxt = tl.max(tl.where(z < level, z, float("-inf")))
+                above = seen
+                seen += tl.sum(tl.where(z == nxt, 1, 0))
+                level = nxt
+            at = z == level
+            rank = tl.cumsum(tl.where(at, 1, 0), axis=0)  # 1-based among the scores equal to level
+            p = tl.where((z > level) | (at & (rank <= top_n - above)), p, 0.0)
+        ratio = p / tl.load(q_row + ro, mask=ok, other=1.0)
+        pick_i = tl.min(tl.where(ratio == tl.max(ratio), ro, NONE))
+        valid = (nan_i == NONE) & (best > float("-inf"))
+        tl.store(out, tl.where(valid, pick_i, -1).to(tl.int64))
