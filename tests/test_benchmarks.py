@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("argv, says", [
     (["-m", "benchmark.attention"], "no CUDA device is available"),
     (["benchmark/int8_linear.py"], "no CUDA device is available"),
+    (["benchmark/sampling.py"], "no CUDA device is available"),
     (["-m", "benchmark.profile_decode", "--device", "cpu"], "it needs a CUDA device"),
     (["-m", "benchmark.tune_step", "--device", "cpu"], "it needs a CUDA device"),
 ])

@@ -128,14 +128,23 @@ def _draw_resident(logits_row, counts_row, ban_row, q_row, out, ro, V, temperatu
             above = 0
             seen = 0
             while (seen < top_n) & (level > float("-inf")):
-                nxt = tl.max(tl.where(z < level, z, float("-inf")))
+                below = z < level  # the next value down and how many hold it, in one reduction
+                nxt, count = tl.reduce((tl.where(below, z, float("-inf")), below.to(tl.int32)), 0, _max_and_count)
                 above = seen
-                seen += tl.sum(tl.where(z == nxt, 1, 0))
+                seen += count
                 level = nxt
             at = z == level
-            rank = tl.cumsum(tl.where(at, 1, 0), axis=0)  # 1-based among the scores equal to level
-            p = tl.where((z > level) | (at & (rank <= top_n - above)), p, 0.0)
+            keep = (z > level) | at
+            if seen > top_n:  # the scores equal to level straddle the n-th: the first top_n - above by index
+                keep = (z > level) | (at & (tl.cumsum(at.to(tl.int32), axis=0) <= top_n - above))
+            p = tl.where(keep, p, 0.0)
         ratio = p / tl.load(q_row + ro, mask=ok, other=1.0)
         pick_i = tl.min(tl.where(ratio == tl.max(ratio), ro, NONE))
         valid = (nan_i == NONE) & (best > float("-inf"))
         tl.store(out, tl.where(valid, pick_i, -1).to(tl.int64))
+
+
+@triton.jit
+def _max_and_count(a, n, b, m):
+    # (value, how many hold it) pairs: the larger value with its count, both counts where they are equal
+    return tl.maximum(a, b), tl.where(a > b, n, tl.where(b > a, m, n + m))
