@@ -783,11 +783,9 @@ SETTINGS = [SamplingParams(temperature=0), SamplingParams(temperature=0, frequen
             SamplingParams(temperature=0.9, top_n=10, frequency_penalty=0.3, presence_penalty=0.2)]
 worst = 0
 cases = 0
-# the row held in registers (on the GPU every vocabulary here; Triton's interpreter runs the kernel's own
-# reduction element by element in Python: the smallest only), then read in passes of 4096 ids: one partial
-# pass, two and a partial, three
-resident = triton_sampling.RESIDENT_MAX if dev == "cuda" else 32
-for resident_max, block in ((resident, triton_sampling.BLOCK), (0, 4096)):
+# the row held in registers (every vocabulary here), then read in passes of 4096 ids: one partial pass,
+# two and a partial, three
+for resident_max, block in ((triton_sampling.RESIDENT_MAX, triton_sampling.BLOCK), (0, 4096)):
     triton_sampling.RESIDENT_MAX, triton_sampling.BLOCK = resident_max, block
     for vocab in (30, 4097, 9000):
         for dtype in (torch.float16, torch.float32):

@@ -128,10 +128,11 @@ def _draw_resident(logits_row, counts_row, ban_row, q_row, out, ro, V, temperatu
             above = 0
             seen = 0
             while (seen < top_n) & (level > float("-inf")):
-                below = z < level  # the next value down and how many hold it, in one reduction
-                nxt, count = tl.reduce((tl.where(below, z, float("-inf")), below.to(tl.int32)), 0, _max_and_count)
+                # two reductions: one over (value, count) pairs took longer a pass, 2.24 us against 1.90 over
+                # 32768 ids with 32 warps (h200_run115_pass_cost.log)
+                nxt = tl.max(tl.where(z < level, z, float("-inf")))
                 above = seen
-                seen += count
+                seen += tl.sum(tl.where(z == nxt, 1, 0))
                 level = nxt
             at = z == level
             keep = (z > level) | at
@@ -142,9 +143,3 @@ def _draw_resident(logits_row, counts_row, ban_row, q_row, out, ro, V, temperatu
         pick_i = tl.min(tl.where(ratio == tl.max(ratio), ro, NONE))
         valid = (nan_i == NONE) & (best > float("-inf"))
         tl.store(out, tl.where(valid, pick_i, -1).to(tl.int64))
-
-
-@triton.jit
-def _max_and_count(a, n, b, m):
-    # (value, how many hold it) pairs: the larger value with its count, both counts where they are equal
-    return tl.maximum(a, b), tl.where(a > b, n, tl.where(b > a, m, n + m))

@@ -12,8 +12,8 @@ argmax) and q the same Exp(1) draws from the row's generator, so a seed gives th
 two ratios are within rounding of each other. Greedy takes the argmax of the scores: bit for bit
 without penalties; with them Triton may fuse a penalty's multiply and subtract (one rounding fewer).
 A vocabulary of up to ``RESIDENT_MAX`` ids (every model's here) is read once into registers, where each
-of those passes is a reduction: on an H200 EVA's top-10 draw took 41.5 us of GPU time against 66.2 for
-the passes over L2, its greedy 4.7 against 6.2 (h200_run111_sampling_resident.log).
+of those passes is two reductions: on an H200 EVA's top-10 draw took 29.7-29.9 us of GPU time against
+66.0-66.7 for the passes over L2, its greedy 4.7 against 6.1 (h200_run116.log, benchmark/sampling.py).
 
 top-p needs the probabilities sorted and stays with the torch ops, as does a top-n above ``MAX_TOP_N``
 (a pass per distinct value above the threshold).
