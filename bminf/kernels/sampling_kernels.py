@@ -111,8 +111,9 @@ def _pick(logits_row, counts_row, ban_row, q_row, r, V, best, temperature, freq,
 @triton.jit
 def _draw_resident(logits_row, counts_row, ban_row, q_row, out, ro, V, temperature, freq, presence, top_n,
                    SAMPLED: tl.constexpr, PENALIZE: tl.constexpr, BAN: tl.constexpr, TOP_N: tl.constexpr):
-    # draw's passes on a row held in registers: the same rules, but top-n's passes cost a reduction each
-    # instead of a read of the row from L2 (one program per row: at batch 1 one multiprocessor does it all)
+    # draw's passes on a row held in registers: the same rules, but each of top-n's passes costs two
+    # reductions instead of a read of the row from L2 (one program per row: at batch 1 one multiprocessor
+    # does it all)
     ok = ro < V
     z = scores_tile(logits_row, counts_row, ban_row, ro, ok, temperature, freq, presence, SAMPLED, PENALIZE, BAN)
     nan_i = tl.min(tl.where(z != z, ro, NONE))  # a row with a NaN ends as -1 (sampled) or its index (greedy)
