@@ -73,11 +73,9 @@ def draw(logits: torch.Tensor, temperature: float, top_n: Optional[int], frequen
     counts_arg = counts if penalize else placeholder
     ban_arg = filtered if filtered is not None else placeholder
     q_arg = q if sampled else placeholder
-    block, warps = BLOCK, WARPS
-    resident = 1 << (vocab - 1).bit_length() <= RESIDENT_MAX
-    if resident:
-        block = 1 << (vocab - 1).bit_length()  # a power of two, as tl.arange needs
-        warps = max(4, RESIDENT_WARPS * block // RESIDENT_MAX)
+    row = 1 << (vocab - 1).bit_length()  # the row in one tile: a power of two, as tl.arange needs
+    resident = row <= RESIDENT_MAX
+    block, warps = (row, max(4, RESIDENT_WARPS * row // RESIDENT_MAX)) if resident else (BLOCK, WARPS)
     launch(_kernels().draw, (batch,), logits, counts_arg, ban_arg, q_arg, out, vocab, logits.stride(0),
            counts_arg.stride(0), ban_arg.stride(0), q_arg.stride(0), float(temperature or 1.0),
            float(frequency_penalty), float(presence_penalty), int(top_n) if top else 0,
