@@ -4,7 +4,8 @@ replayed from CUDA graphs on a GPU (fp16, greedy tokens equal, logits within fp1
 import pytest
 import torch
 
-from bminf.generation.graphs import GraphedDecoder, StaticLayerKV, buckets_for
+from bminf.generation import graphs
+from bminf.generation.graphs import GraphedDecoder, StaticLayerKV, buckets_for, segments
 from bminf.quantization import quantize_
 from helpers import rel_err, tiny_gpt, tiny_t5
 
@@ -90,6 +91,99 @@ def test_t5_static_step_equals_eager(quantized):
     static = greedy_t5(model, src, src_mask, start, 14, dec)
     for a, b in zip(eager, static):
         assert rel_err(b, a) < TOL
+
+
+def test_segments_cut_a_step_at_its_streamed_blocks():
+    assert segments(3, []) == [(0, 3, False)]
+    assert segments(3, [0]) == [(0, 0, False), (0, 1, True), (1, 3, False)]
+    assert segments(3, [2, 0]) == [(0, 0, False), (0, 1, True), (1, 2, False), (2, 3, True), (3, 3, False)]
+    assert segments(2, [0, 1]) == [(0, 0, False), (0, 1, True), (1, 2, True), (2, 2, False)]
+    assert segments(5, [1, 4]) == [(0, 1, False), (1, 2, True), (2, 4, False), (4, 5, True), (5, 5, False)]
+
+
+class Replayed:
+    """A CUDA graph's stand-in on the CPU: ``replay`` runs the captured function again and writes its
+    results into the tensors the capture returned, as a graph writes into its output buffers."""
+
+    def __init__(self, run, out):
+        self.run, self.out, self.replays = run, out, 0
+
+    def replay(self):
+        self.replays += 1
+        new, out = self.run(), self.out
+        pairs = zip(out, new) if isinstance(out, tuple) else [(out, new)]
+        for a, b in pairs:
+            if a is not None:
+                a.copy_(b)
+
+
+def recorder(made):
+    def record(run, warm_ups, fused):
+        for _ in range(warm_ups):
+            run()
+        out = run()
+        made.append(Replayed(run, out))
+        return made[-1], out
+    return record
+
+
+def segmented(model, plan, monkeypatch, made, **kwargs):
+    """A GraphedDecoder whose steps take the streamed-blocks path for the blocks of ``plan`` (a list,
+    changeable), with graphs replayed by ``Replayed`` on the CPU."""
+    monkeypatch.setattr(graphs, "_streamed", lambda layers: tuple(plan))
+    dec = GraphedDecoder(model, **kwargs)
+    dec.segmented, dec._record = True, recorder(made)
+    return dec
+
+
+@pytest.mark.parametrize("plan", [[], [0], [1], [2], [0, 2], [1, 2], [0, 1, 2]])
+def test_the_streamed_blocks_path_equals_the_static_step(plan, monkeypatch):
+    # cut into graph runs around eager streamed blocks, a step gives the static step's numbers exactly,
+    # with every run of resident blocks (and the head, the tail) replayed each step
+    model = tiny_gpt()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt, dtype=torch.bool)
+    mask[0, :2] = False
+    ref = greedy_gpt(model, prompt, mask, 10, GraphedDecoder(model, batch_size=2, max_length=40, buckets=[8, 40]))
+    made = []
+    dec = segmented(model, plan, monkeypatch, made, batch_size=2, max_length=40, buckets=[8, 40])
+    for _ in range(2):  # the second prompt replays the first one's graphs
+        out = greedy_gpt(model, prompt, mask, 10, dec)
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    graph_runs = sum(not eager for _, _, eager in segments(3, plan))
+    assert sorted(dec.segments) == [(2, 8), (2, 40)] and len(made) == 2 * graph_runs
+    assert all(g.replays >= 2 for g in made)
+
+
+def test_the_streamed_blocks_path_of_t5_and_a_re_plan_midway(monkeypatch):
+    # T5's state (the pending feed-forward output, the cross-attention bias) through the runs; then a
+    # re-plan during a step (a pass over the budget moves blocks): the rest of that step runs eagerly,
+    # the graphs are dropped and captured again for the new plan, and the numbers do not change
+    model = tiny_t5(n_decoder_layers=4)
+    g = torch.Generator().manual_seed(4)
+    src = torch.randint(0, model.config.vocab_size, (2, 7), generator=g)
+    src_mask = torch.ones_like(src, dtype=torch.bool)
+    src_mask[1, 5:] = False
+    start = torch.randint(0, model.config.vocab_size, (2, 1), generator=g)
+    kwargs = dict(batch_size=2, max_length=40, max_source_length=8, buckets=[16, 40])
+    ref = greedy_t5(model, src, src_mask, start, 12, GraphedDecoder(model, **kwargs))
+    plan, made = [1], []
+    dec = segmented(model, plan, monkeypatch, made, **kwargs)
+    block = dec.layers[1]
+    calls = {"n": 0}
+    forward = block.forward
+
+    def forward_then_re_plan(*args, **kw):
+        out = forward(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 6:  # inside the fourth step (capture ran the block once, three steps once each)
+            plan[:] = [1, 3]
+        return out
+    block.forward = forward_then_re_plan
+    out = greedy_t5(model, src, src_mask, start, 12, dec)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert dec.segments_plan == (1, 3) and list(dec.segments) == [(2, 16)]
+    assert len(made) == 2 + 3  # two graph runs for [1], then three for [1, 3]
 
 
 @pytest.mark.parametrize("kind", ["gpt", "t5"])

@@ -300,7 +300,7 @@ def test_float_weights_give_the_same_greedy_text(dirs, cpm2):
 @pytest.mark.gpu
 def test_gpu_resident_and_offloaded_agree(tmp_path):
     """Streamed blocks compute with the same weights: the eager paths agree bit for bit, and so do the
-    CUDA-graph decode (resident) and the static step (streamed)."""
+    CUDA-graph decode (resident) and the streamed decoder's steps (graphs around the streamed blocks)."""
     directory = make_model_dir(str(tmp_path), "cpm2", n_encoder_layers=6, n_decoder_layers=6)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -324,6 +324,9 @@ def test_gpu_resident_and_offloaded_agree(tmp_path):
         assert offloaded.backbone.enc_layers.streamed_blocks or offloaded.backbone.dec_layers.streamed_blocks
         assert [offloaded.fill_blank(text, max_tokens=20, temperature=0) for text in FILL] == expected[graphs]
         assert torch.cuda.max_memory_allocated() <= limit
+        # with graphs, the steps replayed a graph per run of resident blocks around the streamed ones
+        assert any(d.segments for d in offloaded._graphed.values()) == (graphs and bool(
+            offloaded.backbone.dec_layers.streamed_blocks))
         del offloaded
         torch.cuda.empty_cache()
 

@@ -21,9 +21,11 @@ GPT's runner pads prompts to a power of two), with the kernels and numbers of th
 H200 the prompt of the decoder benchmarks (a 256-token source and the first step; CPM-1: a 256-token
 prefill) took CPM-2 13 ms against 73 eager, EVA 8 against 79, CPM-1 54 against 71; CPM-1's
 ``generate`` got its first token of a short prompt in 3.9 ms against 45 (h200_run97_prompt_graphs.log,
-h200_run98_models_run_ahead.log, h200_run99.log). Off CUDA, with ``use_graphs=False``, or when blocks stream
-from host memory (``TransformerBlockList`` under a budget) or span several GPUs, the same static
-step runs eagerly: that path is what the CPU tests check against the model's eager ``decode``.
+h200_run98_models_run_ahead.log, h200_run99.log). When blocks stream from host memory (``TransformerBlockList``
+under a budget), a step replays a graph per run of resident blocks and runs the streamed blocks
+eagerly between them (``_segmented``); prompts and the encoder then run eagerly. Off CUDA, with
+``use_graphs=False``, or when blocks span several GPUs, the same static step runs eagerly: that path
+is what the CPU tests check against the model's eager ``decode``.
 
 Measured on an H200 (benchmark/results/h200_cpm2_decoder_run10.json, CPM-2, batch 1): 408 tokens/s
 (2.45 ms/step, 0.47 ms of it on the host) against 16-40 for the eager step (host-bound, so it varies
@@ -46,7 +48,7 @@ kernel for small weights too. Logits agree with the eager path to fp16 rounding 
 import contextlib
 import functools
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -137,9 +139,36 @@ def buckets_for(max_length: int, smallest: int = 64) -> List[int]:
 
 
 def _streams_or_splits(layers: nn.Module) -> bool:
-    """Whether a block list streams from host memory or spans devices (graphs cannot hold that)."""
-    devices = set(map(str, getattr(layers, "block_devices", []) or []))
-    return bool(getattr(layers, "streamed_blocks", [])) or len(devices) > 1
+    """Whether a block list streams from host memory or spans devices (one graph cannot hold that)."""
+    return bool(_streamed(layers)) or _splits(layers)
+
+
+def _streamed(layers: nn.Module) -> Tuple[int, ...]:
+    """The indices of the blocks that stream from host memory (none for a plain module list)."""
+    return tuple(getattr(layers, "streamed_blocks", []) or [])
+
+
+def _splits(layers: nn.Module) -> bool:
+    return len(set(map(str, getattr(layers, "block_devices", []) or []))) > 1
+
+
+def segments(blocks: int, streamed: Sequence[int]) -> List[Tuple[int, int, bool]]:
+    """A step over ``blocks`` blocks cut at the ``streamed`` ones: ``(start, end, eager)`` runs in order,
+    each streamed block a run of its own (eager), the resident blocks between them runs for graphs.
+    The first run also does the step's head (embedding, biases) and the last its tail (norm, LM head),
+    so both are graph runs, empty of blocks when a streamed block is first or last; between two
+    streamed blocks there is none (a graph of nothing).
+
+    >>> segments(5, [1, 2])
+    [(0, 1, False), (1, 2, True), (2, 3, True), (3, 5, False)]
+    """
+    out, start = [], 0
+    for i in sorted(streamed):
+        if i > start or not out:
+            out.append((start, i, False))
+        out.append((i, i + 1, True))
+        start = i + 1
+    return out + [(start, blocks, False)]
 
 
 class GraphedDecoder:
@@ -170,6 +199,11 @@ class GraphedDecoder:
         if use_graphs and not can_graph:
             raise ValueError("use_graphs=True needs a CUDA model whose blocks are resident on one device")
         self.use_graphs = can_graph if use_graphs is None else use_graphs
+        # blocks streaming on one GPU: the steps replay a graph per run of resident blocks (see _segmented)
+        self.segmented = (use_graphs is None and self.device.type == "cuda" and bool(_streamed(self.layers))
+                          and not _splits(self.layers))
+        self.segments: Dict[Tuple[int, int], list] = {}
+        self.segments_plan: Tuple[int, ...] = ()  # the streamed blocks the segments were captured for
         self.batch_size, self.max_length = batch_size, max_length
         self.buckets = sorted(buckets) if buckets else buckets_for(max_length)
         if self.buckets[-1] < max_length:
@@ -194,7 +228,7 @@ class GraphedDecoder:
         self.encoders: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # a prompt's pass on the empty cache (T5's first decoder step, GPT's prefill): one graph per width
         self.prompts: Dict[Tuple[str, int], Tuple[List[torch.Tensor], torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs or self.segmented else None
         self.capture_s = 0.0  # total time spent capturing (warm-up), for reporting
 
     # -- the static step --------------------------------------------------------------------------
@@ -209,23 +243,43 @@ class GraphedDecoder:
     def _static_step(self, cache, ids: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
         """``_step`` over ``cache`` (this decoder's, or a view of some of its rows), ``ids`` (rows, 1) and
         ``pos``: the column every row writes (one element) or each row's own (one per row)."""
-        model = self.model
+        state = self._head(cache, ids, pos, length)
+        state = self._blocks(state, cache, pos, length, 0, len(self.layers))
+        return self._tail(state, cache)
+
+    def _head(self, cache, ids: torch.Tensor, pos: torch.Tensor, length: int) -> tuple:
+        """The step before its blocks: the biases and the embedding. The state the blocks pass on: T5
+        ``(x, ff, self_bias, cross_bias)`` (``ff`` the feed-forward output not yet added), GPT
+        ``(x, self_bias)``."""
         kv = cache.self_kv if self.is_t5 else cache
         self_bias, cross_bias = self._biases(cache, kv, pos, length)
         if self.is_t5:
-            x = model.input_embedding(ids).to(self.dtype)
-            ff = None
-            for i, block in enumerate(self.layers):
-                layer_kv = StaticLayerKV(kv.k[i], kv.v[i], pos, length)
-                x, ff = block(x, ff, self_bias, None, cross_bias, layer_kv, cache.cross.layer(i))
-            kv.n_valid += 1
-            return model.lm_head(add_and_norm(x, ff, model.ln_dec)[1])
+            return self.model.input_embedding(ids).to(self.dtype), None, self_bias, cross_bias
         # GPT: a row's position is the number of real tokens it has seen
-        x = model.token_embedding(ids) + model.position_embedding(kv.n_valid[:, None])
-        for i, block in enumerate(self.layers):
-            x = block(x, self_bias, StaticLayerKV(kv.k[i], kv.v[i], pos, length))
+        return self.model.token_embedding(ids) + self.model.position_embedding(kv.n_valid[:, None]), self_bias
+
+    def _blocks(self, state: tuple, cache, pos: torch.Tensor, length: int, start: int, end: int) -> tuple:
+        """Blocks ``start`` to ``end`` (excluded) of the step on ``state`` (see ``_head``)."""
+        kv = cache.self_kv if self.is_t5 else cache
+        if self.is_t5:
+            x, ff, self_bias, cross_bias = state
+            for i in range(start, end):
+                layer_kv = StaticLayerKV(kv.k[i], kv.v[i], pos, length)
+                x, ff = self.layers[i](x, ff, self_bias, None, cross_bias, layer_kv, cache.cross.layer(i))
+            return x, ff, self_bias, cross_bias
+        x, self_bias = state
+        for i in range(start, end):
+            x = self.layers[i](x, self_bias, StaticLayerKV(kv.k[i], kv.v[i], pos, length))
+        return x, self_bias
+
+    def _tail(self, state: tuple, cache) -> torch.Tensor:
+        """The step after its blocks: the count of valid positions, the last norm and the LM head."""
+        kv = cache.self_kv if self.is_t5 else cache
         kv.n_valid += 1
-        return model.lm_head(model.layernorm(x))
+        if self.is_t5:
+            x, ff = state[:2]
+            return self.model.lm_head(add_and_norm(x, ff, self.model.ln_dec)[1])
+        return self.model.lm_head(self.model.layernorm(state[0]))
 
     def _biases(self, cache, kv, pos: torch.Tensor, length: int):
         """The step's self-attention bias (T5: position bias plus mask, (batch, heads, 1, length); GPT: the
@@ -322,7 +376,10 @@ class GraphedDecoder:
         length = next(b for b in self.buckets if b > kv.length)
         self.ids.copy_(ids)
         self.pos.fill_(kv.length)
-        out = self._run((self.batch_size, length), lambda: self._capture(length), lambda: self._step(length))
+        if self.segmented:
+            out = self._segmented(length)
+        else:
+            out = self._run((self.batch_size, length), lambda: self._capture(length), lambda: self._step(length))
         kv.length += 1
         return out.clone()  # the graph's output buffer is overwritten by the next replay
 
@@ -337,6 +394,92 @@ class GraphedDecoder:
         graph, out = self.graphs[key]
         graph.replay()
         return out
+
+    # -- blocks that stream: a graph per run of resident blocks -------------------------------------
+    def _segmented(self, length: int) -> torch.Tensor:
+        """The step when some blocks stream from host memory (``TransformerBlockList`` under a budget):
+        each run of resident blocks (with the step's head or tail) replays a graph, and the streamed
+        blocks run eagerly between them, as they must (each waits for its copy into a device slot,
+        whose address changes with the slot). Run whole eagerly, CPM-2's step under 6 GiB took 58.7 ms
+        of host time for 28 ms of copies on one H200 machine (h200_run119.log, 48% of the budget's
+        floor); on another, alternated, 29-30 ms eagerly against 23 ms this way, 32.4 / 34.4 against
+        35.3 / 35.3 tok/s, the floor 35.5 (h200_run121_segments.log). The streamed blocks run the graphs'
+        kernels (``always_fused``), so the numbers are those of a step replayed whole. A re-plan that
+        moves blocks (a pass over the limit) drops the graphs, which hold the old addresses."""
+        plan = _streamed(self.layers)
+        if plan != self.segments_plan:
+            self.segments.clear()
+            self.segments_plan = plan
+        key = (self.batch_size, length)
+        with torch.no_grad():
+            if key not in self.segments:
+                pieces = self._capture_segments(length, plan)
+                if pieces is None:  # the plan changed while capturing: this step eagerly
+                    return self._step(length)
+                self.segments[key] = pieces
+            return self._run_segments(self.segments[key], length, plan)
+
+    def _run_segments(self, pieces: list, length: int, plan: Tuple[int, ...]) -> torch.Tensor:
+        state = None
+        for n, (graph, start, end, buffers, out) in enumerate(pieces):
+            if graph is not None:
+                for i, buffer in buffers:  # what the streamed block before wrote, where the graph reads it
+                    buffer.copy_(state[i])
+                graph.replay()
+                state = out
+                continue
+            with always_fused():
+                state = self._blocks(state, self.cache, self.pos, length, start, end)
+            if _streamed(self.layers) != plan:
+                # the block's release found the pass over the limit and moved blocks: the graphs after it
+                # read the old addresses, so the rest of the step runs eagerly
+                self.segments.clear()
+                with always_fused():
+                    state = self._blocks(state, self.cache, self.pos, length, end, len(self.layers))
+                return self._tail(state, self.cache)
+        return state
+
+    def _capture_segments(self, length: int, plan: Tuple[int, ...]) -> Optional[list]:
+        """``(graph, start, end, buffers, out)`` per run of ``segments``: a graph with the static
+        ``buffers`` it reads the state from (``(index, tensor)``, after a streamed block) and its
+        ``out``, or ``(None, start, end, None, None)`` for a streamed block. Capturing runs the pieces
+        once in order, on the real cache; the key mask and counts are put back after, and the caller
+        runs the step. None if the plan changed meanwhile."""
+        put_back = self._step_state()
+        runs = segments(len(self.layers), plan)
+        pieces, state, static = [], None, set()
+        try:
+            for n, (start, end, eager) in enumerate(runs):
+                if eager:
+                    with always_fused():
+                        state = self._blocks(state, self.cache, self.pos, length, start, end)
+                    pieces.append((None, start, end, None, None))
+                    if _streamed(self.layers) != plan:
+                        return None
+                    continue
+                first, last = n == 0, n == len(runs) - 1
+                inputs = state
+                buffers = []
+                if not first:  # what a streamed block made is fresh each step: it goes into a static buffer
+                    inputs = list(state)
+                    for i, t in enumerate(state):
+                        if isinstance(t, torch.Tensor) and id(t) not in static:
+                            inputs[i] = torch.empty_like(t).copy_(t)
+                            buffers.append((i, inputs[i]))
+                    inputs = tuple(inputs)
+
+                def run(inputs=inputs, start=start, end=end, first=first, last=last):
+                    s = self._head(self.cache, self.ids, self.pos, length) if first else inputs
+                    s = self._blocks(s, self.cache, self.pos, length, start, end)
+                    return self._tail(s, self.cache) if last else s
+                graph, out = self._record(run, warm_ups=2, fused=True)
+                graph.replay()  # a capture runs nothing: the next piece starts from this one's output
+                pieces.append((graph, start, end, buffers, out))
+                state = out
+                static.update(id(t) for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))
+            return pieces
+        finally:
+            put_back()
 
     def warm_up(self) -> float:
         """Capture a graph for every bucket now; returns the seconds it took. The cache is left empty."""

@@ -239,10 +239,9 @@ class Pretrained(nn.Module):
     def graphed(self, batch_size: int, length: int, source_length: int = 0):
         """A ``GraphedDecoder`` for ``batch_size`` rows of up to ``length`` cached tokens (and, for T5,
         ``source_length`` encoder tokens), or None (off CUDA, or ``cuda_graphs=False``: the model's own
-        eager decode). Its one-token steps replay CUDA graphs when the blocks are resident; when some
-        stream from host memory, its static step runs eagerly, still with fewer ops than the model's
-        decode. Decoders are kept for the next call (graphs take a moment to capture), the two most
-        recently used of them."""
+        eager decode). Its one-token steps replay CUDA graphs; when some blocks stream from host memory,
+        a graph per run of resident blocks, the streamed blocks eagerly between them. Decoders are kept
+        for the next call (graphs take a moment to capture), the two most recently used of them."""
         from ..generation.graphs import GraphedDecoder
 
         if not self.cuda_graphs or self.device.type != "cuda":
