@@ -428,16 +428,18 @@ class GraphedDecoder:
                 graph.replay()
                 state = out
                 continue
-            with always_fused():
-                state = self._blocks(state, self.cache, self.pos, length, start, end)
+            state = self._eager_blocks(state, length, start, end)
             if _streamed(self.layers) != plan:
                 # the block's release found the pass over the limit and moved blocks: the graphs after it
                 # read the old addresses, so the rest of the step runs eagerly
                 self.segments.clear()
-                with always_fused():
-                    state = self._blocks(state, self.cache, self.pos, length, end, len(self.layers))
-                return self._tail(state, self.cache)
+                return self._tail(self._eager_blocks(state, length, end, len(self.layers)), self.cache)
         return state
+
+    def _eager_blocks(self, state: tuple, length: int, start: int, end: int) -> tuple:
+        # blocks run between the graphs take the graphs' kernels, so the numbers stay those of a whole graph
+        with always_fused():
+            return self._blocks(state, self.cache, self.pos, length, start, end)
 
     def _capture_segments(self, length: int, plan: Tuple[int, ...]) -> Optional[list]:
         """``(graph, start, end, buffers, out)`` per run of ``segments``: a graph with the static
@@ -451,8 +453,7 @@ class GraphedDecoder:
         try:
             for n, (start, end, eager) in enumerate(runs):
                 if eager:
-                    with always_fused():
-                        state = self._blocks(state, self.cache, self.pos, length, start, end)
+                    state = self._eager_blocks(state, length, start, end)
                     pieces.append((None, start, end, None, None))
                     if _streamed(self.layers) != plan:
                         return None
