@@ -276,7 +276,7 @@ def main() -> None:
     parser.add_argument("--no-check-equal", dest="check_equal", action="store_false",
                         help="skip comparing a greedy request alone and in a full batch")
     parser.add_argument("--eager-too", action="store_true",
-                        help="also run each resident setting with `bminf serve --no-cuda-graphs` (the gathered batch)")
+                        help="also run each setting with `bminf serve --no-cuda-graphs` (the gathered batch, eager)")
     parser.add_argument("--warm-each", action="store_true",
                         help="run each client count once untimed before timing it")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the server")
@@ -296,7 +296,7 @@ def main() -> None:
         version = args.version or make_real_size(os.path.join(workdir, "cpm2"))
         for limit in limits:
             rows += bench_setting(version, args.device, limit, args, workdir)
-            if args.eager_too and limit is None:
+            if args.eager_too:
                 rows += bench_setting(version, args.device, limit, args, workdir, cuda_graphs=False)
     if args.json:
         with open(args.json, "w") as f:

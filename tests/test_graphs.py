@@ -7,7 +7,7 @@ import torch
 from bminf.generation import graphs
 from bminf.generation.graphs import GraphedDecoder, StaticLayerKV, buckets_for, segments
 from bminf.quantization import quantize_
-from helpers import rel_err, tiny_gpt, tiny_t5
+from helpers import recorder, rel_err, tiny_gpt, tiny_t5
 
 TOL = 1e-5
 
@@ -99,32 +99,6 @@ def test_segments_cut_a_step_at_its_streamed_blocks():
     assert segments(3, [2, 0]) == [(0, 0, False), (0, 1, True), (1, 2, False), (2, 3, True), (3, 3, False)]
     assert segments(2, [0, 1]) == [(0, 0, False), (0, 1, True), (1, 2, True), (2, 2, False)]
     assert segments(5, [1, 4]) == [(0, 1, False), (1, 2, True), (2, 4, False), (4, 5, True), (5, 5, False)]
-
-
-class Replayed:
-    """A CUDA graph's stand-in on the CPU: ``replay`` runs the captured function again and writes its
-    results into the tensors the capture returned, as a graph writes into its output buffers."""
-
-    def __init__(self, run, out):
-        self.run, self.out, self.replays = run, out, 0
-
-    def replay(self):
-        self.replays += 1
-        new, out = self.run(), self.out
-        pairs = zip(out, new) if isinstance(out, tuple) else [(out, new)]
-        for a, b in pairs:
-            if a is not None:
-                a.copy_(b)
-
-
-def recorder(made):
-    def record(run, warm_ups, fused):
-        for _ in range(warm_ups):
-            run()
-        out = run()
-        made.append(Replayed(run, out))
-        return made[-1], out
-    return record
 
 
 def segmented(model, plan, monkeypatch, made, **kwargs):

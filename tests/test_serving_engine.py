@@ -276,10 +276,12 @@ def test_kv_gather_keeps_each_rows_keys_right_aligned():
         CrossKVCache.gather([(cross, [0])])
 
 
+@pytest.mark.parametrize("slots", [False, True])
 @pytest.mark.parametrize("kind", ["cpm1", "cpm2"])
-def test_the_budget_reserve_grows_before_rows_are_admitted(request, monkeypatch, kind):
-    """Under a memory limit the engine makes the offload core keep room for the batch's caches and
-    the prefill before running them (blocks move to host memory first), and the text is unchanged."""
+def test_the_budget_reserve_grows_before_rows_are_admitted(request, monkeypatch, kind, slots):
+    """Under a memory limit the engine makes the offload core keep room for the batch's caches (or its
+    fixed slots) and the prefill before running them (blocks move to host memory first), and the text
+    is unchanged."""
     from bminf.offload import TransformerBlockList
     from bminf.offload.stream import BlockWeights
     from bminf.serving import batch
@@ -297,7 +299,8 @@ def test_the_budget_reserve_grows_before_rows_are_admitted(request, monkeypatch,
                         lambda self, n: (events.append(("reserve", n)), reserve(self, n))[1])
     monkeypatch.setattr(batch, "prefill", lambda *a: (events.append(("prefill", None)), prefill(*a))[1])
     cases = [c for c in CPM2_CASES if "<span>" not in c["prompt"]]
-    got, _ = run_all(model, [CompletionRequest(model=kind, **case) for case in cases])
+    got, engine = run_all(model, [CompletionRequest(model=kind, **case) for case in cases], slots=slots)
+    assert engine.fixed_slots == slots
     reference = request.getfixturevalue(kind)
     assert got == run_all(reference, [CompletionRequest(model=kind, **case) for case in cases])[0]
     assert events[0][0] == "reserve" and ("prefill", None) in events
@@ -308,6 +311,29 @@ def test_the_budget_reserve_grows_before_rows_are_admitted(request, monkeypatch,
     assert events[0][1] > joined  # at least the joined batch's caches
     for name in stacks:
         assert getattr(model.backbone, name).streamed_blocks, f"{name}: no block left the device"
+
+
+def test_the_slots_bytes_count_the_slots_held_and_those_a_join_grows(cpm1, cpm2):
+    """What ``_make_room`` reserves for fixed slots: the slots held, and where a join outgrows them the
+    grown ones too (rows to a power of two within max_batch, lengths to one from 64), both alive while
+    the running rows are copied over."""
+    from bminf.serving.slots import SlotDecoder
+
+    gpt, t5 = cpm1.backbone, cpm2.backbone
+    engine = Engine(gpt, max_batch=8, slots=True)
+    assert engine._slot_bytes(3, 70, 0) == batch.cache_bytes(gpt, 4, 128)
+    assert engine._slot_bytes(20, 10, 0) == batch.cache_bytes(gpt, 8, 64)
+    engine._fixed = SlotDecoder.sized(gpt, 4, 64)
+    held = batch.state_bytes(engine._fixed.cache)
+    assert held == batch.cache_bytes(gpt, 4, 64)
+    assert engine._slot_bytes(4, 64, 0) == held  # they fit: nothing new
+    assert engine._slot_bytes(5, 10, 0) == held + batch.cache_bytes(gpt, 8, 64)
+    assert engine._slot_bytes(2, 65, 0) == held + batch.cache_bytes(gpt, 4, 128)
+    engine = Engine(t5, max_batch=8, slots=True)
+    engine._fixed = SlotDecoder.sized(t5, 4, 64, 64)
+    held = batch.state_bytes(engine._fixed.cache)
+    assert held == batch.cache_bytes(t5, 4, 64, 64) and engine._slot_bytes(3, 64, 64) == held
+    assert engine._slot_bytes(3, 10, 70) == held + batch.cache_bytes(t5, 4, 64, 128)
 
 
 @pytest.mark.gpu
@@ -335,6 +361,38 @@ def test_on_a_gpu_the_engine_warms_up_and_replays_cuda_graphs(kind):
         engine.stop()
     assert all(texts) and engine.steps > 0
     assert engine.stats()["cuda_graphs"] >= 3
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_under_a_memory_limit_the_slots_replay_graphs_around_the_streamed_blocks(tmp_path):
+    """Blocks streamed under a memory limit: the engine still takes the fixed slots, whose steps replay a
+    graph per run of resident blocks with the streamed blocks run between (the same kernels as the
+    resident engine's whole-step graphs, so greedy text is the same), and the peak stays under the limit."""
+    import gc
+
+    from model_fixtures import make_model_dir
+
+    directory = make_model_dir(str(tmp_path), "cpm2", n_encoder_layers=6, n_decoder_layers=6)
+    cases = [dict(prompt=p, max_tokens=12, temperature=0) for p in ("天空是蔚蓝色，窗外有", "北京环球影城", "门票")]
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    resident = bminf.models.CPM2(version=directory, device="cuda")
+    model_bytes = torch.cuda.memory_allocated() - before
+    blocks = sum(p.numel() * p.element_size() for lst in (resident.backbone.enc_layers, resident.backbone.dec_layers)
+                 for p in lst.parameters())
+    want, engine = run_all(resident, [CompletionRequest(model="cpm2", **c) for c in cases], slots=None)
+    assert engine.fixed_slots and engine._graphed
+    del resident, engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    limit = torch.cuda.memory_allocated() + model_bytes + (16 << 20) - blocks // 2  # about half the blocks stream
+    torch.cuda.reset_peak_memory_stats()
+    model = bminf.models.CPM2(version=directory, device="cuda", memory_limit=limit, dynamic_memory=16 << 20)
+    got, engine = run_all(model, [CompletionRequest(model="cpm2", **c) for c in cases], slots=None)
+    assert model.backbone.dec_layers.streamed_blocks and engine.fixed_slots and not engine._graphed
+    assert got == want
+    assert engine._fixed.segments and engine.stats()["cuda_graphs"] >= 2
+    assert torch.cuda.max_memory_allocated() <= limit
 
 
 def test_slots_that_outgrow_the_memory_keep_only_the_rows_they_need(cpm1, monkeypatch):

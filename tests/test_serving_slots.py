@@ -6,10 +6,11 @@ tokens equal or tied within it)."""
 import pytest
 import torch
 
+from bminf.generation import graphs
 from bminf.quantization import quantize_
 from bminf.serving import batch
 from bminf.serving.slots import SlotDecoder
-from helpers import rel_err, tiny_gpt, tiny_t5
+from helpers import recorder, rel_err, tiny_gpt, tiny_t5
 
 
 def prompts(model, lengths, seed):
@@ -21,9 +22,10 @@ def prefill(model, sources, t5):
     return batch.prefill(model, sources, [[0]] * len(sources) if t5 else None)
 
 
-def compare(model, t5: bool, tol: float, use_graphs=None):
-    """Drive both paths with the same tokens (greedy on the gathered path's logits); returns the slots."""
-    errors = []
+def compare(model, t5: bool, tol: float, use_graphs=None, cls=SlotDecoder):
+    """Drive both paths with the same tokens (greedy on the gathered path's logits); returns the slots
+    (the last ones: they grow) and every step's logits from them."""
+    errors, seen = [], []
 
     def check(gathered, slotted, order):
         # slot i holds the row that `order[i]` indexes in the gathered batch
@@ -32,10 +34,11 @@ def compare(model, t5: bool, tol: float, use_graphs=None):
         picked = want.gather(-1, slotted.argmax(-1)[:, None])[:, 0]
         assert bool((want.max(-1).values - picked <= tol * want.abs().max()).all())
         errors.append(rel_err(slotted.float(), want))
+        seen.append(slotted)
 
     with torch.no_grad():
         first, logits_a = prefill(model, prompts(model, [5, 9, 2], seed=1), t5)
-        slots = SlotDecoder.sized(model, rows=4, columns=20, source=9, use_graphs=use_graphs)
+        slots = cls.sized(model, rows=4, columns=20, source=9, use_graphs=use_graphs)
         slots.admit(first, 3)
         gathered = batch.join([(first, range(3))], room=40)
         logits, order = logits_a, [0, 1, 2]
@@ -70,15 +73,59 @@ def compare(model, t5: bool, tol: float, use_graphs=None):
             slot_tokens = tokens[torch.as_tensor([keep.index(i) for i in order], device=tokens.device)]
             check(logits, slots.step(slot_tokens), [keep.index(i) for i in order])
     assert max(errors) < tol, max(errors)
-    return slots
+    return slots, seen
 
 
 @pytest.mark.parametrize("kind", ["gpt", "t5"])
 def test_slots_step_every_row_as_the_gathered_batch_does(kind):
     t5 = kind == "t5"
     model = quantize_(tiny_t5() if t5 else tiny_gpt(max_positions=128))
-    slots = compare(model, t5, tol=1e-5)
+    slots, _ = compare(model, t5, tol=1e-5)
     assert not slots.use_graphs and slots.running == 3
+
+
+class Streaming(SlotDecoder):
+    """Slots whose steps take the path of blocks streamed under a memory limit (``_segmented``) on the
+    CPU, for the blocks that ``graphs._streamed`` names: the graphs of the runs of resident blocks are
+    replayed by ``helpers.Replayed`` and collected in ``made`` (grown slots too); ``after_block`` runs
+    after each streamed block."""
+    made: list = []
+    after_block = staticmethod(lambda key: None)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.segmented, self._record = True, recorder(self.made)
+
+    def _eager_blocks(self, state, key, start, end):
+        out = super()._eager_blocks(state, key, start, end)
+        self.after_block(key)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["gpt", "t5"])
+def test_slots_with_streamed_blocks_step_exactly_as_a_whole_step(kind, monkeypatch):
+    # under a memory limit the server's slots replay a graph per run of resident blocks and run the
+    # streamed ones between: the same numbers as the whole static step, bit for bit, as rows join
+    # (into grown slots) and leave; then a pass over the limit re-plans inside a step (blocks move),
+    # whose rest runs eagerly and must still advance the slots' positions
+    t5 = kind == "t5"
+    model = quantize_(tiny_t5() if t5 else tiny_gpt(max_positions=128))
+    _, want = compare(model, t5, tol=1e-5)
+    plan, made, grown = [1], [], {"blocks": 0}
+
+    def re_plan(key):
+        grown["blocks"] += key[0] == 5
+        if grown["blocks"] == 3:  # the grown slots' second step (their capture ran the block first)
+            plan[:] = [0, 1]
+    monkeypatch.setattr(graphs, "_streamed", lambda layers: tuple(plan))
+    monkeypatch.setattr(Streaming, "made", made)
+    monkeypatch.setattr(Streaming, "after_block", staticmethod(re_plan))
+    slots, got = compare(model, t5, tol=1e-5, cls=Streaming)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    source = 128 if t5 else 0
+    assert slots.segments_plan == (0, 1) and sorted(slots.segments) == [(4, 64, source), (5, 64, source)]
+    # plan [1]: two graph runs for the first slots and the grown ones; [0, 1]: two for each shape
+    assert len(made) == 2 + 2 + 4 and slots.graph_count() == 4 and all(g.replays >= 1 for g in made)
 
 
 def test_slots_refuse_rows_past_their_size_and_steps_of_the_wrong_shape():
@@ -107,7 +154,7 @@ def test_slots_replay_cuda_graphs_that_match_the_gathered_batch_on_gpu(kind):
     torch.manual_seed(0)
     t5 = kind == "t5"
     model = quantize_(tiny_t5() if t5 else tiny_gpt(max_positions=128)).cuda().half()
-    slots = compare(model, t5, tol=1e-2)
+    slots, _ = compare(model, t5, tol=1e-2)
     assert slots.use_graphs
     # the shapes replayed after the growth: 5 rows, then 3 (in 4), all under 64 tokens; T5's source 70 in 128
     source = 128 if t5 else 0

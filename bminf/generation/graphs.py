@@ -240,6 +240,21 @@ class GraphedDecoder:
         Only device tensors change between calls, so this is what a graph records."""
         return self._static_step(self.cache, self.ids, self.pos, length)
 
+    def _parts(self, key: tuple) -> tuple:
+        """``(cache, ids, pos, length)`` that the step of graph ``key`` runs on (``_static_step``'s
+        arguments): here the whole cache; a server's slots take a view of their running rows."""
+        return self.cache, self.ids, self.pos, key[1]
+
+    def _finish(self, parts: tuple) -> None:
+        """What the step of ``parts`` does after its LM head (a server's slots advance their positions)."""
+
+    def _keyed_step(self, key: tuple) -> torch.Tensor:
+        """The step of graph ``key``, run whole: what its graph records, and the eager fallback."""
+        parts = self._parts(key)
+        out = self._static_step(*parts)
+        self._finish(parts)
+        return out
+
     def _static_step(self, cache, ids: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
         """``_step`` over ``cache`` (this decoder's, or a view of some of its rows), ``ids`` (rows, 1) and
         ``pos``: the column every row writes (one element) or each row's own (one per row)."""
@@ -376,16 +391,20 @@ class GraphedDecoder:
         length = next(b for b in self.buckets if b > kv.length)
         self.ids.copy_(ids)
         self.pos.fill_(kv.length)
-        if self.segmented:
-            out = self._segmented(length)
-        else:
-            out = self._run((self.batch_size, length), lambda: self._capture(length), lambda: self._step(length))
+        out = self._run((self.batch_size, length), lambda: self._capture(length), lambda: self._step(length))
         kv.length += 1
         return out.clone()  # the graph's output buffer is overwritten by the next replay
 
+    def graph_count(self) -> int:
+        """CUDA graphs captured so far: whole steps, and with blocks streaming each step's runs."""
+        return len(self.graphs) + sum(g is not None for pieces in self.segments.values() for g, *_ in pieces)
+
     def _run(self, key, capture, step) -> torch.Tensor:
-        """The output of the graph under ``key`` replayed (``capture()`` makes it on first use), or,
-        without graphs, of ``step()`` run eagerly."""
+        """The output of the graph under ``key`` replayed (``capture()`` makes it on first use); with
+        blocks that stream, of the graphs of its runs of resident blocks and the streamed blocks between
+        (``_segmented``); without graphs, of ``step()`` run eagerly."""
+        if self.segmented:
+            return self._segmented(key)
         if not self.use_graphs:
             with torch.no_grad():
                 return step()
@@ -396,12 +415,12 @@ class GraphedDecoder:
         return out
 
     # -- blocks that stream: a graph per run of resident blocks -------------------------------------
-    def _segmented(self, length: int) -> torch.Tensor:
-        """The step when some blocks stream from host memory (``TransformerBlockList`` under a budget):
-        each run of resident blocks (with the step's head or tail) replays a graph, and the streamed
-        blocks run eagerly between them, as they must (each waits for its copy into a device slot,
-        whose address changes with the slot). Run whole eagerly, CPM-2's step under 6 GiB took 58.7 ms
-        of host time for 28 ms of copies on one H200 machine (h200_run119.log, 48% of the budget's
+    def _segmented(self, key: tuple) -> torch.Tensor:
+        """The step of graph ``key`` when some blocks stream from host memory (``TransformerBlockList``
+        under a budget): each run of resident blocks (with the step's head or tail) replays a graph, and
+        the streamed blocks run eagerly between them, as they must (each waits for its copy into a device
+        slot, whose address changes with the slot). Run whole eagerly, CPM-2's step under 6 GiB took 58.7
+        ms of host time for 28 ms of copies on one H200 machine (h200_run119.log, 48% of the budget's
         floor); on another, alternated, 29-30 ms eagerly against 23 ms this way, 32.4 / 34.4 against
         35.3 / 35.3 tok/s, the floor 35.5 (h200_run121_segments.log). The streamed blocks run the graphs'
         kernels (``always_fused``), so the numbers are those of a step replayed whole. A re-plan that
@@ -410,50 +429,59 @@ class GraphedDecoder:
         if plan != self.segments_plan:
             self.segments.clear()
             self.segments_plan = plan
-        key = (self.batch_size, length)
         with torch.no_grad():
             if key not in self.segments:
-                pieces = self._capture_segments(length, plan)
+                pieces = self._capture_segments(key, plan)
                 if pieces is None:  # the plan changed while capturing: this step eagerly
-                    return self._step(length)
+                    with always_fused():
+                        return self._keyed_step(key)
                 self.segments[key] = pieces
-            return self._run_segments(self.segments[key], length, plan)
+            return self._run_segments(self.segments[key], key, plan)
 
-    def _run_segments(self, pieces: list, length: int, plan: Tuple[int, ...]) -> torch.Tensor:
+    def _run_segments(self, pieces: list, key: tuple, plan: Tuple[int, ...]) -> torch.Tensor:
         state = None
-        for n, (graph, start, end, buffers, out) in enumerate(pieces):
+        for graph, start, end, buffers, out in pieces:
             if graph is not None:
                 for i, buffer in buffers:  # what the streamed block before wrote, where the graph reads it
                     buffer.copy_(state[i])
                 graph.replay()
                 state = out
                 continue
-            state = self._eager_blocks(state, length, start, end)
+            state = self._eager_blocks(state, key, start, end)
             if _streamed(self.layers) != plan:
                 # the block's release found the pass over the limit and moved blocks: the graphs after it
                 # read the old addresses, so the rest of the step runs eagerly
                 self.segments.clear()
-                return self._tail(self._eager_blocks(state, length, end, len(self.layers)), self.cache)
+                state = self._eager_blocks(state, key, end, len(self.layers))
+                with always_fused():
+                    return self._ending(state, self._parts(key))
         return state
 
-    def _eager_blocks(self, state: tuple, length: int, start: int, end: int) -> tuple:
+    def _eager_blocks(self, state: tuple, key: tuple, start: int, end: int) -> tuple:
         # blocks run between the graphs take the graphs' kernels, so the numbers stay those of a whole graph
+        cache, _, pos, length = self._parts(key)
         with always_fused():
-            return self._blocks(state, self.cache, self.pos, length, start, end)
+            return self._blocks(state, cache, pos, length, start, end)
 
-    def _capture_segments(self, length: int, plan: Tuple[int, ...]) -> Optional[list]:
+    def _ending(self, state: tuple, parts: tuple) -> torch.Tensor:
+        """The step's tail on ``state`` and what follows it (``_finish``)."""
+        out = self._tail(state, parts[0])
+        self._finish(parts)
+        return out
+
+    def _capture_segments(self, key: tuple, plan: Tuple[int, ...]) -> Optional[list]:
         """``(graph, start, end, buffers, out)`` per run of ``segments``: a graph with the static
         ``buffers`` it reads the state from (``(index, tensor)``, after a streamed block) and its
         ``out``, or ``(None, start, end, None, None)`` for a streamed block. Capturing runs the pieces
-        once in order, on the real cache; the key mask and counts are put back after, and the caller
-        runs the step. None if the plan changed meanwhile."""
+        once in order, on the real cache; the key mask, counts (and a server's positions) are put back
+        after, and the caller runs the step. None if the plan changed meanwhile."""
         put_back = self._step_state()
         runs = segments(len(self.layers), plan)
         pieces, state, static = [], None, set()
         try:
             for n, (start, end, eager) in enumerate(runs):
                 if eager:
-                    state = self._eager_blocks(state, length, start, end)
+                    state = self._eager_blocks(state, key, start, end)
                     pieces.append((None, start, end, None, None))
                     if _streamed(self.layers) != plan:
                         return None
@@ -470,9 +498,11 @@ class GraphedDecoder:
                     inputs = tuple(inputs)
 
                 def run(inputs=inputs, start=start, end=end, first=first, last=last):
-                    s = self._head(self.cache, self.ids, self.pos, length) if first else inputs
-                    s = self._blocks(s, self.cache, self.pos, length, start, end)
-                    return self._tail(s, self.cache) if last else s
+                    parts = self._parts(key)
+                    cache, ids, pos, length = parts
+                    s = self._head(cache, ids, pos, length) if first else inputs
+                    s = self._blocks(s, cache, pos, length, start, end)
+                    return self._ending(s, parts) if last else s
                 graph, out = self._record(run, warm_ups=2, fused=True)
                 graph.replay()  # a capture runs nothing: the next piece starts from this one's output
                 pieces.append((graph, start, end, buffers, out))

@@ -9,10 +9,11 @@ the rest, and then prefills the jobs that arrived and joins them to the batch. A
 those it gets alone: its cache holds exactly its own keys, positions count its real tokens, and its
 generator is seeded from its own seed.
 
-Where the backbone is resident on one GPU, the running rows live in fixed slots and every step replays
-a CUDA graph (``slots.SlotDecoder``); elsewhere (the CPU, blocks streamed under a memory limit, a model
-split across GPUs) a new cache is gathered whenever rows join or leave (``batch.join``) and the steps
-run eagerly. Both give each row the tokens it gets alone.
+Where the backbone is on one GPU, the running rows live in fixed slots and every step replays a CUDA
+graph (``slots.SlotDecoder``), or, with blocks streamed under a memory limit, a graph per run of
+resident blocks with the streamed ones run eagerly between them (``GraphedDecoder._segmented``);
+elsewhere (the CPU, a model split across GPUs) a new cache is gathered whenever rows join or leave
+(``batch.join``) and the steps run eagerly. Both give each row the tokens it gets alone.
 
 >>> engine = Engine(cpm2.backbone, max_batch=16).start()              # doctest: +SKIP
 >>> engine.submit(Job(source, prefix, row, params, vocab_size, sink=print))  # doctest: +SKIP
@@ -29,7 +30,7 @@ import torch
 
 from ..generation import SamplingParams, ban_ids, count_ids
 from ..generation.sampling import draw, on_device
-from ..generation.graphs import _streams_or_splits, power_of_two
+from ..generation.graphs import _splits, _streams_or_splits, power_of_two
 from ..generation.loop import _Fetch
 from ..offload import TransformerBlockList
 from . import batch
@@ -103,9 +104,10 @@ class Engine:
     ``("error", ShuttingDown)``.
 
     ``slots``: None (default) keeps the running rows in fixed slots stepped from CUDA graphs where the
-    backbone is resident on one GPU, else gathers a new cache as rows come and go (see the module
-    doc); True takes the fixed slots anywhere (off CUDA their step runs eagerly: the CPU tests), False
-    never. ``fixed_slots`` says which the engine took."""
+    backbone is on one GPU (resident, or streaming blocks under a memory limit), else gathers a new
+    cache as rows come and go (see the module doc); True takes the fixed slots wherever the decoder is
+    on one device (off CUDA their step runs eagerly: the CPU tests), False never. ``fixed_slots`` says
+    which the engine took."""
 
     def __init__(self, backbone: torch.nn.Module, max_batch: int = 16, slots: Optional[bool] = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -117,14 +119,15 @@ class Engine:
         # block lists under a memory limit: their reserve must cover the batch's caches (see _make_room)
         self._budgets = [m for m in backbone.modules() if isinstance(m, TransformerBlockList)]
         layers = backbone.dec_layers if hasattr(backbone, "dec_layers") else backbone.layers
-        resident = not self._budgets and not _streams_or_splits(layers)
-        if slots and not resident:
-            raise ValueError("fixed slots need a backbone resident on one device (no memory_limit, one GPU)")
-        self.fixed_slots = resident and self.device.type == "cuda" if slots is None else slots
+        if slots and _splits(layers):
+            raise ValueError("fixed slots need a decoder on one device, not split across GPUs")
+        self.fixed_slots = self.device.type == "cuda" and not _splits(layers) if slots is None else slots
         self._fixed: Optional[SlotDecoder] = None  # the fixed slots, made at the first join
-        # new rows' prompts from CUDA graphs where the slots replay graphs too (see batch.GraphedPrefill)
-        graphed = self.fixed_slots and self.device.type == "cuda"
-        self._prefill = batch.GraphedPrefill(backbone) if graphed else functools.partial(batch.prefill, backbone)
+        # new rows' prompts from CUDA graphs where the whole step replays one too (see batch.GraphedPrefill);
+        # with blocks streaming, prompts run eagerly, as GraphedDecoder's do
+        resident = not self._budgets and not _streams_or_splits(layers)
+        self._graphed = self.fixed_slots and self.device.type == "cuda" and resident
+        self._prefill = batch.GraphedPrefill(backbone) if self._graphed else functools.partial(batch.prefill, backbone)
         self._inbox: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._slots: List[_Slot] = []
         self._cache = None
@@ -146,7 +149,7 @@ class Engine:
 
     def stats(self) -> Dict[str, object]:
         out = {"running": len(self._slots), "waiting": self._inbox.qsize(), "max_batch": self.max_batch,
-               "steps": self.steps, "cuda_graphs": len(self._fixed.graphs) if self._fixed is not None else 0}
+               "steps": self.steps, "cuda_graphs": self._fixed.graph_count() if self._fixed is not None else 0}
         if self.device.type == "cuda":  # what a memory budget is checked against
             out["gpu_allocated_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
             out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
@@ -155,10 +158,11 @@ class Engine:
     def warm_up(self) -> float:
         """Before ``start()``: with CUDA graphs, capture the step of every batch size the slots round to
         (1, 2, 4, ... ``max_batch``), which compiles their kernels, so that the first requests do not
-        wait for that. Returns the seconds it took (0 without graphs)."""
+        wait for that. Returns the seconds it took (0 without graphs, and with blocks streaming: their
+        slots are sized by the first requests, within the budget, and capture then)."""
         if self._thread.is_alive():
             raise RuntimeError("warm_up() runs before start()")
-        if not self.fixed_slots or self.device.type != "cuda":
+        if not self._graphed:
             return 0.0
         start = time.perf_counter()
         with torch.inference_mode():
@@ -293,25 +297,48 @@ class Engine:
 
     def _make_room(self, new: List[Job]) -> None:
         """Before new rows are prefilled and joined: grow the budget's reserve (blocks move to host
-        memory) to cover what is alive at once then, the running batch's caches, the new rows' own,
-        the joined ones and the largest prefill's activations, so that a memory limit holds during
+        memory) to cover what is alive at once then, the running batch's caches (or slots), the new rows'
+        own, the joined ones and the largest prefill's activations, so that a memory limit holds during
         that pass, not only after it (the offload core's check after a pass catches the rest)."""
         if not self._budgets:
             return
         b, t5 = self.backbone, new[0].prefix is not None
         rows = len(self._slots) + len(new)
-        room = max([s.job.remaining for s in self._slots] + [j.params.max_tokens for j in new])
         longest = max(len(j.source) for j in new)
         first = max(len(j.prefix) for j in new) if t5 else longest  # columns the prefill fills
-        old = self._cache.self_kv if t5 and self._cache is not None else self._cache
-        old_columns = old.max_length if old is not None else 0
-        old_source = self._cache.cross.k[0].shape[2] if t5 and self._cache is not None else 0
-        need = (batch.state_bytes(self._cache)
-                + batch.cache_bytes(b, rows, max(old_columns, first) + room, max(old_source, longest))
-                + batch.cache_bytes(b, len(new), first, longest)
+        if self.fixed_slots:
+            lengths = list(self._fixed.lengths) if self._fixed is not None else []
+            columns = max([n + s.job.remaining for n, s in zip(lengths, self._slots)] +
+                          [first + j.remaining for j in new])
+            sources = self._fixed.sources if self._fixed is not None else []
+            held = self._slot_bytes(rows, columns, max(sources + [longest]) if t5 else 0)
+        else:
+            room = max([s.job.remaining for s in self._slots] + [j.params.max_tokens for j in new])
+            old = self._cache.self_kv if t5 and self._cache is not None else self._cache
+            old_columns = old.max_length if old is not None else 0
+            old_source = self._cache.cross.k[0].shape[2] if t5 and self._cache is not None else 0
+            held = (batch.state_bytes(self._cache)
+                    + batch.cache_bytes(b, rows, max(old_columns, first) + room, max(old_source, longest)))
+        need = (held + batch.cache_bytes(b, len(new), first, longest)
                 + batch.prefill_bytes(b, len(new), longest, first if t5 else 0))
         for blocks in self._budgets:
             blocks.reserve_at_least(need)
+
+    def _slot_bytes(self, rows: int, columns: int, source: int) -> int:
+        """Bytes the fixed slots hold once ``rows`` rows of up to ``columns`` columns (and ``source``
+        source positions) join: the current slots, and where they must grow (``_join_slots``) the new
+        ones too, both alive while the running rows are copied over. Lengths are rounded up as
+        ``SlotDecoder.sized`` rounds them (within the model's limits: at most this)."""
+        old = self._fixed
+        held = batch.state_bytes(old.cache) if old is not None else 0
+        if old is not None and old.fits(rows, columns, source):
+            return held
+        n = min(self.max_batch, power_of_two(rows))
+        if old is not None:
+            n, columns = max(n, old.batch_size), max(columns, old.max_length)
+            source = max(source, old.max_source_length) if source else 0
+        return held + batch.cache_bytes(self.backbone, n, max(64, power_of_two(columns)),
+                                        max(64, power_of_two(source)) if source else 0)
 
     def _sample(self) -> torch.Tensor:
         """One token per row, each group of rows with equal parameters sampled together."""

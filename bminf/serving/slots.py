@@ -20,8 +20,11 @@ Measured on an H200 (benchmark/serve.py, CPM-2, 64 tokens a request; h200_run38.
 client got 268 tokens/s against 26.4 from the gathered batch in the same run, 16 clients 1822 in
 all against 399.
 
-Off CUDA (or with ``use_graphs=False``) the same static step runs eagerly: that is what the CPU tests
-compare with the model classes.
+With blocks streamed under a memory limit, a step replays a graph per run of resident blocks and runs
+the streamed ones between them (``GraphedDecoder._segmented``): one client under 6 GiB got 35.5-35.7
+tokens/s against 20.0-26.1 eagerly (h200_run125_serve_slots_ab.log). Off CUDA (or with
+``use_graphs=False``) the same static step runs eagerly: that is what the CPU tests compare with the
+model classes.
 
 >>> slots = SlotDecoder(model, rows=4, max_length=256)          # doctest: +SKIP
 >>> slots.admit(prefill_cache, 2)                                 # doctest: +SKIP
@@ -170,10 +173,19 @@ class SlotDecoder(GraphedDecoder):
 
     def _capture_slots(self, key: Tuple[int, int, int]):
         start = time.perf_counter()
-        graph = self._record(lambda: self._slot_step(*key), warm_ups=2, fused=True, after_warm_up=self._step_state())
+        graph = self._record(lambda: self._keyed_step(key), warm_ups=2, fused=True, after_warm_up=self._step_state())
         _log.info("captured the decode step of %d rows, %d tokens%s in %.2f s", key[0], key[1],
                   f", {key[2]} source tokens" if self.is_t5 else "", time.perf_counter() - start)
         return graph
+
+    def _capture_segments(self, key: Tuple[int, int, int], plan: Tuple[int, ...]):
+        start = time.perf_counter()
+        pieces = super()._capture_segments(key, plan)
+        if pieces is not None:
+            _log.info("captured the decode step of %d rows, %d tokens%s in %.2f s (%d graphs around %d streamed "
+                      "blocks)", key[0], key[1], f", {key[2]} source tokens" if self.is_t5 else "",
+                      time.perf_counter() - start, sum(p[0] is not None for p in pieces), len(plan))
+        return pieces
 
     def clear(self) -> None:
         """No running rows (the buffers and graphs stay for the next ones)."""
@@ -193,7 +205,7 @@ class SlotDecoder(GraphedDecoder):
             raise ValueError(f"a row of {max(self.lengths) + 1} tokens exceeds the slots' {self.max_length}")
         key = self._shape()
         self.ids[:n, 0].copy_(tokens)
-        out = self._run(key, lambda: self._capture_slots(key), lambda: self._slot_step(*key))
+        out = self._run(key, lambda: self._capture_slots(key), lambda: self._keyed_step(key))
         self.lengths = [length + 1 for length in self.lengths]
         return out[:n, -1].clone()  # the graph's output buffer is overwritten by the next replay
 
@@ -204,18 +216,21 @@ class SlotDecoder(GraphedDecoder):
         source = next(b for b in self.source_buckets if b >= max(self.sources)) if self.is_t5 else 0
         return rows, length, source
 
-    def _slot_step(self, rows: int, length: int, source: int) -> torch.Tensor:
+    def _parts(self, key: Tuple[int, int, int]) -> tuple:
+        # the first `rows` slots (T5: and `source` positions of cross-attention) as a cache of their own
+        rows, length, source = key
         kv = self._kv().rows(rows)
         view = kv
         if self.is_t5:
             c = self.cache
             view = type(c)(kv, c.cross.rows(rows, source), c.encoder_mask[:rows, :source])
-        pos = self.pos[:rows]
-        out = self._static_step(view, self.ids[:rows], pos, length)
+        return view, self.ids[:rows], self.pos[:rows], length
+
+    def _finish(self, parts: tuple) -> None:
         # the next column; slots past the running rows (computed, never read) stay inside the buffers
-        pos.add_(1).clamp_(max=self.max_length - 1)
+        kv = parts[0].self_kv if self.is_t5 else parts[0]
+        parts[2].add_(1).clamp_(max=self.max_length - 1)
         kv.n_valid.clamp_(max=self.max_length - 1)
-        return out
 
     def _step_state(self):
         put_back, saved = super()._step_state(), self.pos.clone()
