@@ -14,7 +14,7 @@ so most requests run to ``--max-tokens``; tokens are counted from each response'
 
     python benchmark/serve.py --memory-limits none 6GiB --clients 1 4 16 --max-tokens 64 --json out.json
     python benchmark/serve.py --memory-limits none --eager-too --warm-each   # CUDA graphs against eager
-    python benchmark/serve.py --version cpm2-demo --device cpu --clients 1 4 --max-tokens 8   # a smoke test
+    python benchmark/serve.py --version cpm2-demo --device cpu --memory-limits none --clients 1 4 --max-tokens 8
 """
 import argparse
 import http.client
