@@ -87,18 +87,18 @@ def test_slots_step_every_row_as_the_gathered_batch_does(kind):
 class Streaming(SlotDecoder):
     """Slots whose steps take the path of blocks streamed under a memory limit (``_segmented``) on the
     CPU, for the blocks that ``graphs._streamed`` names: the graphs of the runs of resident blocks are
-    replayed by ``helpers.Replayed`` and collected in ``made`` (grown slots too); ``after_block`` runs
-    after each streamed block."""
+    replayed by ``helpers.Replayed`` and collected in ``made`` (grown slots too); ``after_block(rows)``
+    runs after each streamed block, ``rows`` the rows of the step's shape."""
     made: list = []
-    after_block = staticmethod(lambda key: None)
+    after_block = staticmethod(lambda rows: None)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.segmented, self._record = True, recorder(self.made)
 
-    def _eager_blocks(self, state, key, start, end):
-        out = super()._eager_blocks(state, key, start, end)
-        self.after_block(key)
+    def _eager_blocks(self, state, parts, start, end):
+        out = super()._eager_blocks(state, parts, start, end)
+        self.after_block(len(parts[1]))  # parts: (cache, ids, pos, length), ids one per row
         return out
 
 
@@ -113,8 +113,8 @@ def test_slots_with_streamed_blocks_step_exactly_as_a_whole_step(kind, monkeypat
     _, want = compare(model, t5, tol=1e-5)
     plan, made, grown = [1], [], {"blocks": 0}
 
-    def re_plan(key):
-        grown["blocks"] += key[0] == 5
+    def re_plan(rows):
+        grown["blocks"] += rows == 5
         if grown["blocks"] == 3:  # the grown slots' second step (their capture ran the block first)
             plan[:] = [0, 1]
     monkeypatch.setattr(graphs, "_streamed", lambda layers: tuple(plan))

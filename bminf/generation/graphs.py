@@ -238,7 +238,7 @@ class GraphedDecoder:
     def _step(self, length: int) -> torch.Tensor:
         """One token at position ``self.pos`` for every row, attending over ``length`` positions.
         Only device tensors change between calls, so this is what a graph records."""
-        return self._static_step(self.cache, self.ids, self.pos, length)
+        return self._keyed_step((self.batch_size, length))
 
     def _parts(self, key: tuple) -> tuple:
         """``(cache, ids, pos, length)`` that the step of graph ``key`` runs on (``_static_step``'s
@@ -439,7 +439,8 @@ class GraphedDecoder:
             return self._run_segments(self.segments[key], key, plan)
 
     def _run_segments(self, pieces: list, key: tuple, plan: Tuple[int, ...]) -> torch.Tensor:
-        state = None
+        # the step's parts once: a server's slots make views of every layer's cache for them
+        state, parts = None, self._parts(key)
         for graph, start, end, buffers, out in pieces:
             if graph is not None:
                 for i, buffer in buffers:  # what the streamed block before wrote, where the graph reads it
@@ -447,19 +448,19 @@ class GraphedDecoder:
                 graph.replay()
                 state = out
                 continue
-            state = self._eager_blocks(state, key, start, end)
+            state = self._eager_blocks(state, parts, start, end)
             if _streamed(self.layers) != plan:
                 # the block's release found the pass over the limit and moved blocks: the graphs after it
                 # read the old addresses, so the rest of the step runs eagerly
                 self.segments.clear()
-                state = self._eager_blocks(state, key, end, len(self.layers))
+                state = self._eager_blocks(state, parts, end, len(self.layers))
                 with always_fused():
-                    return self._ending(state, self._parts(key))
+                    return self._ending(state, parts)
         return state
 
-    def _eager_blocks(self, state: tuple, key: tuple, start: int, end: int) -> tuple:
+    def _eager_blocks(self, state: tuple, parts: tuple, start: int, end: int) -> tuple:
         # blocks run between the graphs take the graphs' kernels, so the numbers stay those of a whole graph
-        cache, _, pos, length = self._parts(key)
+        cache, _, pos, length = parts
         with always_fused():
             return self._blocks(state, cache, pos, length, start, end)
 
@@ -477,11 +478,13 @@ class GraphedDecoder:
         after, and the caller runs the step. None if the plan changed meanwhile."""
         put_back = self._step_state()
         runs = segments(len(self.layers), plan)
+        parts = self._parts(key)
+        cache, ids, pos, length = parts
         pieces, state, static = [], None, set()
         try:
             for n, (start, end, eager) in enumerate(runs):
                 if eager:
-                    state = self._eager_blocks(state, key, start, end)
+                    state = self._eager_blocks(state, parts, start, end)
                     pieces.append((None, start, end, None, None))
                     if _streamed(self.layers) != plan:
                         return None
@@ -498,8 +501,6 @@ class GraphedDecoder:
                     inputs = tuple(inputs)
 
                 def run(inputs=inputs, start=start, end=end, first=first, last=last):
-                    parts = self._parts(key)
-                    cache, ids, pos, length = parts
                     s = self._head(cache, ids, pos, length) if first else inputs
                     s = self._blocks(s, cache, pos, length, start, end)
                     return self._ending(s, parts) if last else s

@@ -34,7 +34,7 @@ from ..generation.graphs import _splits, _streams_or_splits, power_of_two
 from ..generation.loop import _Fetch
 from ..offload import TransformerBlockList
 from . import batch
-from .slots import SlotDecoder
+from .slots import SlotDecoder, _length
 
 __all__ = ["Job", "Engine", "ShuttingDown"]
 
@@ -307,7 +307,7 @@ class Engine:
         longest = max(len(j.source) for j in new)
         first = max(len(j.prefix) for j in new) if t5 else longest  # columns the prefill fills
         if self.fixed_slots:
-            lengths = list(self._fixed.lengths) if self._fixed is not None else []
+            lengths = self._fixed.lengths if self._fixed is not None else []
             columns = max([n + s.job.remaining for n, s in zip(lengths, self._slots)] +
                           [first + j.remaining for j in new])
             sources = self._fixed.sources if self._fixed is not None else []
@@ -337,8 +337,9 @@ class Engine:
         if old is not None:
             n, columns = max(n, old.batch_size), max(columns, old.max_length)
             source = max(source, old.max_source_length) if source else 0
-        return held + batch.cache_bytes(self.backbone, n, max(64, power_of_two(columns)),
-                                        max(64, power_of_two(source)) if source else 0)
+        # rounded without the model's cap, which only lowers them
+        source = _length(source, None) if source else 0
+        return held + batch.cache_bytes(self.backbone, n, _length(columns, None), source)
 
     def _sample(self) -> torch.Tensor:
         """One token per row, each group of rows with equal parameters sampled together."""
