@@ -429,7 +429,8 @@ def test_gluon_gemv_is_picked_only_where_it_was_measured(monkeypatch):
             gluon_gemv.usable(cpu)
     finally:
         gluon_gemv.usable.cache_clear()
-    # where it can run: one row of a shape in its table, and in triton_gemv only a plain linear without bias
+    # where it can run: one row of a shape in its table, and in triton_gemv one weight, with or without a bias,
+    # plain or with the GELU or residual-add epilogue
     monkeypatch.setattr(gluon_gemv, "usable", lambda device: True)
     assert gluon_gemv.tiles(x, w) == gluon_gemv.TABLE[(4096, 10240)]
     assert gluon_gemv.tiles(x.expand(2, -1), w) is None  # two rows
@@ -439,15 +440,22 @@ def test_gluon_gemv_is_picked_only_where_it_was_measured(monkeypatch):
     with pytest.raises(ValueError, match="16-byte boundary"):
         gluon_gemv.int8_gemv(x, unaligned, torch.ones(4096), torch.empty(1, 4096), gluon_gemv.TABLE[(4096, 10240)])
     calls = []
-    monkeypatch.setattr(gluon_gemv, "int8_gemv", lambda x2, w, s, out, tile: calls.append(("gluon", tile)))
-    monkeypatch.setattr(triton_gemv, "launch", lambda kernel, grid, *a, **kw: calls.append(("triton", None)))
+    monkeypatch.setattr(gluon_gemv, "int8_gemv", lambda x2, w, s, out, tile, bias, epilogue, residual: calls.append(
+        ("gluon", tile, bias is not None, epilogue, residual is not None)))
+    monkeypatch.setattr(triton_gemv, "launch", lambda kernel, grid, *a, **kw: calls.append(("triton",)))
     monkeypatch.setattr(triton_gemv, "widen_by_permute", lambda: True)
     s, b = torch.ones(4096, dtype=torch.float16), torch.zeros(4096, dtype=torch.float16)
     assert triton_gemv.int8_gemv(x, w, s).shape == (1, 4096)
-    triton_gemv.int8_gemv(x, w, s, b)  # a bias: the Triton GEMV
-    triton_gemv.int8_gemv_add(x, w, s, None, torch.zeros(1, 4096, dtype=torch.float16))
+    triton_gemv.int8_gemv(x, w, s, b)
+    triton_gemv.int8_gemv_add(x, w, s, b, torch.zeros(1, 4096, dtype=torch.float16))
+    triton_gemv.int8_gemv_gelu(x, w, s)
     triton_gemv.int8_gemv(x, w, s, tiles=(2, 2048, 2))  # tiles asked for: the Triton GEMV
-    assert calls == [("gluon", gluon_gemv.TABLE[(4096, 10240)])] + [("triton", None)] * 3
+    triton_gemv.int8_gemv_many(x, [w, w], [s, s])  # two weights in one launch: the Triton GEMV
+    triton_gemv.int8_gemv_gated(x, w, s, w, s)  # two weights read by each program: the Triton GEMV
+    tile = gluon_gemv.TABLE[(4096, 10240)]
+    assert calls == [("gluon", tile, False, triton_gemv.PLAIN, False), ("gluon", tile, True, triton_gemv.PLAIN, False),
+                     ("gluon", tile, True, triton_gemv.ADD, True), ("gluon", tile, False, triton_gemv.GELU, False)] + \
+        [("triton",)] * 3
 
 
 @pytest.mark.gpu
@@ -458,7 +466,7 @@ def test_gluon_gemv_on_gpu(monkeypatch):
         pytest.skip("the Gluon GEMV runs with Triton " + "/".join(gluon_gemv.TRITONS) + " on Hopper only")
     torch.manual_seed(0)
     launched, real = [], gluon_gemv.int8_gemv
-    monkeypatch.setattr(gluon_gemv, "int8_gemv", lambda *a: launched.append(a[-1]) or real(*a))
+    monkeypatch.setattr(gluon_gemv, "int8_gemv", lambda *a: launched.append(a[4]) or real(*a))
     for (n, k), tile in [((4096, 10240), None), ((256, 2048), (8, 256, 3, 4)), ((64, 512), (4, 512, 2, 2))]:
         q, s = (t.to(dev) for t in quantize_weight(torch.randn(n, k)))
         x = torch.randn(1, k, device=dev, dtype=torch.float16)
@@ -486,6 +494,29 @@ def test_gluon_gemv_on_gpu(monkeypatch):
         assert torch.equal(captured, eager)
     with pytest.raises(ValueError, match="do not divide"):
         gluon_gemv.int8_gemv(x, q, s, got, (5, 512, 2, 2))
+    # the epilogues, each against the formula in float64 and the Triton GEMV's numbers; CPM-1's attention
+    # output (bias and residual add) through the product's route
+    launched.clear()
+    for (n, k), tile, epilogue in [((2560, 2560), None, triton_gemv.ADD), ((512, 1024), (8, 512, 2, 4), triton_gemv.GELU),
+                                   ((256, 2048), (4, 256, 3, 4), triton_gemv.PLAIN)]:
+        q, s = (t.to(dev) for t in quantize_weight(torch.randn(n, k)))
+        b = torch.randn(n, device=dev, dtype=torch.float16)
+        x = torch.randn(1, k, device=dev, dtype=torch.float16)
+        r = torch.randn(1, n, device=dev, dtype=torch.float16) if epilogue == triton_gemv.ADD else None
+        want = F.linear(x.double(), q.double() * s.double()[:, None], b.double())
+        want = F.gelu(want, approximate="tanh") if epilogue == triton_gemv.GELU else want if r is None else want + r.double()
+        triton_tile = triton_gemv.config(1, n, k, dev)[1:]
+        triton_out = triton_gemv._launch(x, [q], [s], [b], triton_tile, epilogue, r)[0]
+        if tile is None:
+            got = triton_int8.int8_linear_add(x, q, s, b, r)
+            assert launched == [gluon_gemv.TABLE[(n, k)]]
+        else:
+            got = torch.empty(1, n, device=dev, dtype=torch.float16)
+            gluon_gemv.int8_gemv(x, q, s, got, tile, b, epilogue, r)
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-3
+        assert float((got.float() - triton_out.float()).abs().max() / triton_out.float().abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="epilogue 3 without a residual"):
+        gluon_gemv.int8_gemv(x, q, s, got, (4, 256, 3, 4), None, triton_gemv.ADD)
 
 
 # attention for one query row, and a graphed step's store-and-attend, against the formula in float64

@@ -1,4 +1,5 @@
-"""The one-row int8 GEMV for T5's feed-forward output, written in Gluon, Triton's lower-level language.
+"""The one-row int8 GEMV for T5's feed-forward output and CPM-1's attention output, written in Gluon,
+Triton's lower-level language.
 
 ``triton_gemv``'s kernel loads each weight tile into registers, one tile in flight per program (Triton
 pipelines loads into shared memory only for ``tl.dot``'s operands, and a loop carrying tiles in
@@ -12,7 +13,11 @@ as a decode step launches it, back to back, 4096x10240 reads 79% of HBM against 
 output gained: CPM-2's step 1.984 against 2.025 ms (medians of four, alternated), EVA's 0.902 against
 0.911, while the gated input and the square shapes took longer. So ``TABLE`` holds those two shapes:
 CPM-2 then decodes 503.2 tokens/s against 492.0-492.1, EVA 1095.8-1096.9 against 1084.0-1084.5
-(h200_run88_gluon_ffn_out.log, alternated twice).
+(h200_run88_gluon_ffn_out.log, alternated twice). With the Triton GEMV's bias, GELU and residual-add
+epilogues (same roundings), CPM-1's shapes were tried one at a time in its graphed step
+(h200_run133_gluon_epilogues.log): only the attention output (2560x2560, + bias + residual) gained,
+1240.8-1240.9 us a step against 1280.8-1281.7 alternated twice; the feed-forward input (GELU) and output
+took 46-200 us longer with every tile tried.
 
 Gluon's API is experimental and changes between Triton releases (3.9 renamed the copy this kernel
 uses), so the kernel runs only with the Triton it was measured with (``TRITONS``), on Hopper, and the
@@ -31,8 +36,9 @@ from . import dependent_launch
 from .compile_ahead import launch
 
 TRITONS = ("3.6",)  # Triton releases (major.minor) this kernel was measured with
-# (n, k) -> (BLOCK_N, BLOCK_K, STAGES, num_warps), chosen on the graphed decode step (h200_run86_87_gluon_step.log)
-TABLE = {(4096, 10240): (8, 1024, 2, 4), (2048, 5120): (8, 1024, 2, 4)}
+# (n, k) -> (BLOCK_N, BLOCK_K, STAGES, num_warps), chosen on the graphed decode step: T5's feed-forward output
+# (h200_run86_87_gluon_step.log) and CPM-1's attention output with its residual add (h200_run133_gluon_epilogues.log)
+TABLE = {(4096, 10240): (8, 1024, 2, 4), (2048, 5120): (8, 1024, 2, 4), (2560, 2560): (8, 512, 2, 4)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,15 +82,21 @@ def _kernel():
 
 
 def int8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
-              tile: Tuple[int, int, int, int]) -> None:
-    """``out = x2 @ (weight * scale[:, None]).T`` for one row ``x2`` (1, k) fp16, into ``out`` (1, n),
-    with ``tile`` = (BLOCK_N, BLOCK_K, STAGES, num_warps) that divide the shape."""
+              tile: Tuple[int, int, int, int], bias: Optional[torch.Tensor] = None, epilogue: int = 0,
+              residual: Optional[torch.Tensor] = None) -> None:
+    """``out = x2 @ (weight * scale[:, None]).T (+ bias)`` for one row ``x2`` (1, k) fp16, into ``out`` (1, n),
+    through ``triton_gemv``'s ``epilogue`` PLAIN, GELU or ADD (``+ residual`` (1, n)), with ``tile`` =
+    (BLOCK_N, BLOCK_K, STAGES, num_warps) that divide the shape."""
+    from .triton_gemv import ADD, GELU, PLAIN
     n, k = weight.shape
     block_n, block_k, stages, warps = tile
     if n % block_n or k % block_k:
         raise ValueError(f"gluon_gemv: tiles {tile} do not divide the weight's shape {(n, k)}")
     if not _aligned(weight):
         raise ValueError("gluon_gemv: the weight must start on a 16-byte boundary, with rows a multiple of 16 bytes")
-    launch(_kernel(), (n // block_n,), x2, weight, scale, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
-           STAGES=stages, LANES_K=min(32, block_k // 16), WARPS=warps, num_warps=warps,
-           **dependent_launch.options(x2.device))
+    if epilogue not in (PLAIN, GELU, ADD) or (epilogue == ADD) != (residual is not None):
+        raise ValueError(f"gluon_gemv: epilogue {epilogue} with{'out' if residual is None else ''} a residual")
+    launch(_kernel(), (n // block_n,), x2, weight, scale, scale if bias is None else bias,
+           out if residual is None else residual, out, n, k, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
+           BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, LANES_K=min(32, block_k // 16), WARPS=warps,
+           num_warps=warps, **dependent_launch.options(x2.device))

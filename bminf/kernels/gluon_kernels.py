@@ -3,16 +3,40 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
+from . import triton_gemv
 from .gdc import wait_then_release
 from .gemv_kernels import WIDEN_PRMT
 
 WIDEN = gl.constexpr(WIDEN_PRMT.value)  # int8 -> fp32 by byte permutes, as the Triton GEMV widens
+# the epilogues it has of triton_gemv's: nothing, GELU (GPT's feed-forward input), a residual add
+PLAIN, GELU, ADD = (gl.constexpr(i) for i in (triton_gemv.PLAIN, triton_gemv.GELU, triton_gemv.ADD))
 
 
 @gluon.jit
-def int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, PDL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-              STAGES: gl.constexpr, LANES_K: gl.constexpr, WARPS: gl.constexpr):
-    # y (1, N) = x (1, K) @ (w (N, K) int8 * s[:, None]).T, the tiles dividing N and K: program p does rows
+def _fp16(a):
+    return a.to(gl.float16).to(gl.float32)
+
+
+@gluon.jit
+def _finish(out, b_ptr, r_ptr, rn, HAS_BIAS: gl.constexpr, EPILOGUE: gl.constexpr):
+    # gemv_kernels.finish's steps and roundings for one row: scaled sums, + bias, then the epilogue
+    if HAS_BIAS:
+        out += gl.load(b_ptr + rn).to(gl.float32)
+    if EPILOGUE == GELU:  # gemv_kernels.gelu_tanh
+        a = _fp16(out)
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        out = 0.5 * a * (2.0 - 2.0 / (gl.exp(2.0 * u) + 1.0))
+    if EPILOGUE == ADD:
+        out = _fp16(out) + gl.load(r_ptr + rn).to(gl.float32)
+    return out
+
+
+@gluon.jit
+def int8_gemv(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, N, K, HAS_BIAS: gl.constexpr, EPILOGUE: gl.constexpr,
+              PDL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+              LANES_K: gl.constexpr, WARPS: gl.constexpr):
+    # y (1, N) = x (1, K) @ (w (N, K) int8 * s[:, None]).T (+ b (N,)) through the epilogue (ADD: + r (1, N)),
+    # the tiles dividing N and K: program p does rows
     # p * BLOCK_N... over the whole of K, its (BLOCK_N, BLOCK_K) tiles copied into a ring of STAGES slots.
     # Each thread copies 16 contiguous bytes of a row and later reads back the same bytes.
     layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // LANES_K, LANES_K], [WARPS, 1], [1, 0])
@@ -42,4 +66,5 @@ def int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, PDL: gl.constexpr, BLOCK_N: gl.c
         async_copy.async_copy_global_to_shared(slot, w_at + nxt * BLOCK_K, mask=(rk[None, :] * 0 + nxt) < tiles)
         async_copy.commit_group()
     async_copy.wait_group(0)
-    gl.store(y_ptr + rn, (gl.sum(acc, axis=1) * scale).to(y_ptr.dtype.element_ty))
+    out = _finish(gl.sum(acc, axis=1) * scale, b_ptr, r_ptr, rn, HAS_BIAS, EPILOGUE)
+    gl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty))

@@ -34,8 +34,9 @@ Launched with programmatic dependent launch (``dependent_launch``), each program
 weight tile, its scales and bias while the kernel before it is finishing, and waits for it only to
 read ``x``.
 
-T5's feed-forward output at CPM-2's and EVA's sizes takes ``gluon_gemv`` instead where it can run
-(Triton 3.6 on Hopper), which streams the weight through shared memory and made those steps 1-2% faster.
+T5's feed-forward output at CPM-2's and EVA's sizes and CPM-1's attention output take ``gluon_gemv``
+instead where it can run (Triton 3.6 on Hopper), which streams the weight through shared memory and made
+those steps 1-3% faster.
 
 Tiles come from ``config(m, n, k)``: a table for the shapes of CPM-1 (2560/10240), CPM-2 (4096/10240)
 and EVA (2048/5120), and a rule for other shapes. ``BMINF_GEMV_TABLE`` names a JSON file
@@ -193,17 +194,19 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
     gated = epilogue == GATED
     outs = [torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in weights[:1 if gated else None]]
     has_bias = biases[0] is not None
-    if epilogue == PLAIN and len(weights) == 1 and not has_bias and tiles is None and widen_by_permute():
-        tile = gluon_gemv.tiles(x2, weights[0])  # T5's feed-forward output: see gluon_gemv
+    r = x2 if residual is None else residual.reshape(m, n).contiguous()
+    if epilogue != GATED and len(weights) == 1 and tiles is None and widen_by_permute():
+        tile = gluon_gemv.tiles(x2, weights[0])  # the feed-forward output of T5 and GPT: see gluon_gemv
         if tile is not None:
-            gluon_gemv.int8_gemv(x2, weights[0], scales[0].contiguous(), outs[0], tile)
+            bias = biases[0].to(x.dtype).contiguous() if has_bias else None
+            gluon_gemv.int8_gemv(x2, weights[0], scales[0].contiguous(), outs[0], tile, bias, epilogue,
+                                 None if residual is None else r)
             return [outs[0].reshape(*x.shape[:-1], n)]
     block_m, block_n, block_k, warps, stages = config(m, n, k, x.device, 2 if gated else 1)
     if tiles is not None:
         block_n, block_k, warps, stages = _four(tiles, "tiles")
     s = [t.contiguous() for t in scales]
     b = [t.to(x.dtype).contiguous() for t in biases] if has_bias else s  # placeholders when absent
-    r = x2 if residual is None else residual.reshape(m, n).contiguous()
     pad = padded
     grid = (cdiv(n, block_n) * (1 if gated else len(weights)),)
     launch(kernel, grid, x2, *pad(weights), *pad(s), *pad(b), *pad(outs), r, m, n, k, GROUP=len(weights),
