@@ -17,7 +17,7 @@ CPM-2 then decodes 503.2 tokens/s against 492.0-492.1, EVA 1095.8-1096.9 against
 epilogues (same roundings), CPM-1's shapes were tried one at a time in its graphed step
 (h200_run133_gluon_epilogues.log): only the attention output (2560x2560, + bias + residual) gained,
 1240.8-1240.9 us a step against 1280.8-1281.7 alternated twice; the feed-forward input (GELU) and output
-took 46-200 us longer with every tile tried.
+took 12-201 us longer with every tile tried.
 
 Gluon's API is experimental and changes between Triton releases (3.9 renamed the copy this kernel
 uses), so the kernel runs only with the Triton it was measured with (``TRITONS``), on Hopper, and the
