@@ -36,9 +36,9 @@ def int8_gemv(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, N, K, HAS_BIAS: gl.const
               PDL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
               LANES_K: gl.constexpr, WARPS: gl.constexpr):
     # y (1, N) = x (1, K) @ (w (N, K) int8 * s[:, None]).T (+ b (N,)) through the epilogue (ADD: + r (1, N)),
-    # the tiles dividing N and K: program p does rows
-    # p * BLOCK_N... over the whole of K, its (BLOCK_N, BLOCK_K) tiles copied into a ring of STAGES slots.
-    # Each thread copies 16 contiguous bytes of a row and later reads back the same bytes.
+    # the tiles dividing N and K: program p does rows p * BLOCK_N... over the whole of K, its (BLOCK_N,
+    # BLOCK_K) tiles copied into a ring of STAGES slots. Each thread copies 16 contiguous bytes of a row and
+    # later reads back the same bytes.
     layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // LANES_K, LANES_K], [WARPS, 1], [1, 0])
     ring_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     rn = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))

@@ -196,7 +196,7 @@ def _launch(x: torch.Tensor, weights: Sequence[torch.Tensor], scales: Sequence[t
     has_bias = biases[0] is not None
     r = x2 if residual is None else residual.reshape(m, n).contiguous()
     if epilogue != GATED and len(weights) == 1 and tiles is None and widen_by_permute():
-        tile = gluon_gemv.tiles(x2, weights[0])  # the feed-forward output of T5 and GPT: see gluon_gemv
+        tile = gluon_gemv.tiles(x2, weights[0])  # where it was faster in a step: see gluon_gemv
         if tile is not None:
             bias = biases[0].to(x.dtype).contiguous() if has_bias else None
             gluon_gemv.int8_gemv(x2, weights[0], scales[0].contiguous(), outs[0], tile, bias, epilogue,
