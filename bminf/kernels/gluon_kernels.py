@@ -3,31 +3,22 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
-from . import triton_gemv
 from .gdc import wait_then_release
-from .gemv_kernels import WIDEN_PRMT
+from .gemv_kernels import ADD, GELU, WIDEN_PRMT, fp16, gelu_tanh
 
 WIDEN = gl.constexpr(WIDEN_PRMT.value)  # int8 -> fp32 by byte permutes, as the Triton GEMV widens
-# the epilogues it has of triton_gemv's: nothing, GELU (GPT's feed-forward input), a residual add
-PLAIN, GELU, ADD = (gl.constexpr(i) for i in (triton_gemv.PLAIN, triton_gemv.GELU, triton_gemv.ADD))
-
-
-@gluon.jit
-def _fp16(a):
-    return a.to(gl.float16).to(gl.float32)
 
 
 @gluon.jit
 def _finish(out, b_ptr, r_ptr, rn, HAS_BIAS: gl.constexpr, EPILOGUE: gl.constexpr):
-    # gemv_kernels.finish's steps and roundings for one row: scaled sums, + bias, then the epilogue
+    # gemv_kernels.finish's steps and roundings for one row: scaled sums, + bias, then the epilogue (PLAIN,
+    # GELU or ADD; not GATED, which reads two weights)
     if HAS_BIAS:
         out += gl.load(b_ptr + rn).to(gl.float32)
-    if EPILOGUE == GELU:  # gemv_kernels.gelu_tanh
-        a = _fp16(out)
-        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-        out = 0.5 * a * (2.0 - 2.0 / (gl.exp(2.0 * u) + 1.0))
+    if EPILOGUE == GELU:
+        out = gelu_tanh(fp16(out))
     if EPILOGUE == ADD:
-        out = _fp16(out) + gl.load(r_ptr + rn).to(gl.float32)
+        out = fp16(out) + gl.load(r_ptr + rn).to(gl.float32)
     return out
 
 
